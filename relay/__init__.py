@@ -1,0 +1,1 @@
+"""logpipe-relay: collect, verify, extract and file compressed logs from many servers."""

@@ -1,0 +1,241 @@
+"""Load and validate `.env`, `sources.conf` and `pipeline.conf` with cerberus before anything runs."""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+from cerberus import Validator
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Error kinds name the recover groups, so no server may take one of these names.
+RESERVED_NAMES = ("all", "copy", "extract", "quarantine")
+
+SERVER_NAME_RE = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}$"
+# A host or user starting with '-' would be read by ssh as an option.
+HOST_RE = r"^[A-Za-z0-9_.:\[\]%-]+$"
+USER_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*\$?$"
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+_POS_INT = {"type": "integer", "coerce": int, "min": 1}
+_NONNEG_FLOAT = {"type": "float", "coerce": float, "min": 0}
+_PATH = {"type": "string", "empty": False, "coerce": str.strip, "regex": r"^/.*"}
+
+ENV_SCHEMA = {
+    "DATA_ROOT": {**_PATH, "required": True},
+    "STATE_DIR": {**_PATH, "required": True},
+    "LOG_DIR": {**_PATH, "required": True},
+    "TMP_DIR": {**_PATH, "required": True},
+    "MAX_RETRY_COPY": {**_POS_INT, "default": 3},
+    "MAX_RETRY_EXTRACT": {**_POS_INT, "default": 3},
+    "RETRY_DELAY_BASE": {**_NONNEG_FLOAT, "default": 60.0},
+    "RETRY_DELAY_MAX": {**_NONNEG_FLOAT, "default": 600.0},
+    "LOG_FORMAT": {"type": "string", "allowed": ["json", "text"], "default": "json"},
+    "LOG_LEVEL": {"type": "string", "coerce": str.upper,
+                  "allowed": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"},
+    "SSH_KNOWN_HOSTS": {**_PATH, "default": str(Path.home() / ".ssh" / "known_hosts")},
+    "SSH_IDENTITY_FILE": {**_PATH, "nullable": True, "default": None},
+    "SSH_STRICT_HOST_KEY_CHECKING": {"type": "string", "allowed": ["yes", "accept-new"],
+                                     "default": "yes"},
+    "SSH_CONNECT_TIMEOUT": {**_POS_INT, "default": 10},
+    "SSH_SERVER_ALIVE_INTERVAL": {**_POS_INT, "default": 15},
+    "SSH_SERVER_ALIVE_COUNT_MAX": {**_POS_INT, "default": 3},
+    "SSH_DEADLINE": {**_POS_INT, "default": 3600},
+    "SSH_CONTROL_PERSIST": {**_POS_INT, "default": 60},
+}
+
+SERVER_SCHEMA = {
+    "name": {"type": "string", "required": True, "regex": SERVER_NAME_RE,
+             "forbidden": list(RESERVED_NAMES)},
+    "host": {"type": "string", "required": True, "empty": False, "regex": HOST_RE},
+    "user": {"type": "string", "required": True, "empty": False, "regex": USER_RE},
+    "remote_path": {"required": True, "anyof": [
+        {"type": "string", "regex": r"^/[^\n\x00]*$"},
+        {"type": "list", "minlength": 1,
+         "schema": {"type": "string", "regex": r"^/[^\n\x00]*$"}},
+    ]},
+    "enabled": {"type": "boolean", "default": True},
+    "port": {"type": "integer", "min": 1, "max": 65535, "default": 22},
+    "identity_file": {"type": "string", "regex": r"^/.*", "nullable": True, "default": None},
+    "auth": {"type": "string", "allowed": ["key", "password"], "default": "key"},
+    "password_env": {"type": "string", "regex": ENV_NAME_RE, "default": "SSH_PASSWORD"},
+}
+
+SOURCES_SCHEMA = {
+    "servers": {"type": "list", "required": True,
+                "schema": {"type": "dict", "schema": SERVER_SCHEMA}},
+}
+
+PIPELINE_SCHEMA = {
+    "delete_source": {"type": "boolean", "default": False},
+    "process_incoming": {"type": "boolean", "default": True},
+    "max_workers": {"type": "integer", "min": 1, "max": 64, "default": 2},
+    "max_per_server": {"type": "integer", "min": 1, "max": 64, "default": 2},
+    "min_file_age_seconds": {"type": "number", "min": 0, "default": 60},
+    "max_extracted_bytes": {"type": "integer", "min": 1, "default": 64 * 2**30},
+    "min_free_bytes": {"type": "integer", "min": 0, "default": 256 * 2**20},
+}
+
+SECRET_KEYS = ("SSH_PASSWORD",)
+
+
+class Server(msgspec.Struct, frozen=True):
+    """One source server as configured in sources.conf."""
+
+    name: str
+    host: str
+    user: str
+    remote_paths: tuple
+    enabled: bool = True
+    port: int = 22
+    identity_file: Optional[str] = None
+    auth: str = "key"
+    password_env: str = "SSH_PASSWORD"
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """Everything the pipeline needs, validated."""
+
+    config_dir: str
+    data_root: str
+    state_dir: str
+    log_dir: str
+    tmp_dir: str
+    max_retry_copy: int
+    max_retry_extract: int
+    retry_delay_base: float
+    retry_delay_max: float
+    log_format: str
+    log_level: str
+    ssh_known_hosts: str
+    ssh_identity_file: Optional[str]
+    ssh_strict_host_key_checking: str
+    ssh_connect_timeout: int
+    ssh_server_alive_interval: int
+    ssh_server_alive_count_max: int
+    ssh_deadline: int
+    ssh_control_persist: int
+    servers: tuple
+    delete_source: bool
+    process_incoming: bool
+    max_workers: int
+    max_per_server: int
+    min_file_age_seconds: float
+    max_extracted_bytes: int
+    min_free_bytes: int
+
+    def server(self, name):
+        """The configured server called `name`."""
+        for srv in self.servers:
+            if srv.name == name:
+                return srv
+        raise KeyError(name)
+
+    @property
+    def enabled_servers(self):
+        """Servers that produce work."""
+        return tuple(s for s in self.servers if s.enabled)
+
+
+def flatten_errors(errors, prefix=""):
+    """Turn cerberus' nested error tree into `key.path[i]: problem` lines."""
+    lines = []
+    for key, problems in sorted(errors.items(), key=lambda kv: str(kv[0])):
+        path = f"{prefix}[{key}]" if isinstance(key, int) else (f"{prefix}.{key}" if prefix else str(key))
+        for problem in problems:
+            if isinstance(problem, dict):
+                lines.extend(flatten_errors(problem, path))
+            else:
+                lines.append(f"{path}: {problem}")
+    return lines
+
+
+def _validate(document, schema, filename, **kwargs):
+    validator = Validator(schema, **kwargs)
+    if not validator.validate(document):
+        raise ConfigError("\n".join(f"{filename}: {line}" for line in flatten_errors(validator.errors)))
+    return validator.document
+
+
+def _read_json(path):
+    try:
+        with open(path, "rb") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; copy {path.name}.example beside it and edit it, "
+                          "or set RELAY_CONFIG_DIR") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    return document
+
+
+def read_env(config_dir, environ):
+    """Merge `<config_dir>/.env` with the process environment (which wins) and validate it."""
+    env_path = Path(config_dir) / ".env"
+    from_file = {}
+    if env_path.exists():
+        from_file = {k: v for k, v in dotenv_values(env_path).items() if v is not None}
+    for key in SECRET_KEYS:
+        if key in from_file:
+            raise ConfigError(f"{env_path}: {key}: a password must not be stored in a file; "
+                              f"remove it and export {key} in the environment of the run instead")
+    merged = dict(from_file)
+    merged.update({k: environ[k] for k in ENV_SCHEMA if k in environ})
+    return _validate(merged, ENV_SCHEMA, env_path)
+
+
+def _check_unique_names(servers, path):
+    seen = set()
+    for index, srv in enumerate(servers):
+        if srv["name"] in seen:
+            raise ConfigError(f"{path}: servers[{index}].name: duplicate server name {srv['name']!r}")
+        seen.add(srv["name"])
+
+
+def _nearest_existing(path):
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_same_filesystem(env, env_path):
+    """TMP_DIR must share DATA_ROOT's filesystem so that a rename publishes a file atomically."""
+    data_dev = _nearest_existing(env["DATA_ROOT"]).stat().st_dev
+    tmp_dev = _nearest_existing(env["TMP_DIR"]).stat().st_dev
+    if data_dev != tmp_dev:
+        raise ConfigError(f"{env_path}: TMP_DIR: {env['TMP_DIR']} is not on the same filesystem as "
+                          f"DATA_ROOT {env['DATA_ROOT']}; files are published by rename, so choose a "
+                          "TMP_DIR on that filesystem")
+
+
+def load_settings(config_dir=None, environ=None):
+    """Read and validate all three configuration files; raise ConfigError naming file and key."""
+    environ = os.environ if environ is None else environ
+    config_dir = Path(config_dir or environ.get("RELAY_CONFIG_DIR") or DEFAULT_CONFIG_DIR).resolve()
+    if not config_dir.is_dir():
+        raise ConfigError(f"{config_dir}: configuration directory not found (set RELAY_CONFIG_DIR)")
+    env = read_env(config_dir, environ)
+    sources_path = config_dir / "sources.conf"
+    sources = _validate(_read_json(sources_path), SOURCES_SCHEMA, sources_path)
+    _check_unique_names(sources["servers"], sources_path)
+    pipeline_path = config_dir / "pipeline.conf"
+    pipeline = _validate(_read_json(pipeline_path), PIPELINE_SCHEMA, pipeline_path)
+    check_same_filesystem(env, config_dir / ".env")
+    servers = []
+    for srv in sources["servers"]:
+        paths = srv.pop("remote_path")
+        servers.append(Server(remote_paths=tuple([paths] if isinstance(paths, str) else paths), **srv))
+    return Settings(
+        config_dir=str(config_dir),
+        servers=tuple(servers),
+        **{k.lower(): v for k, v in env.items()},
+        **pipeline,
+    )

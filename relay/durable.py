@@ -1,0 +1,61 @@
+"""Crash-safe file publication: write to a temp path on the same filesystem, fsync, rename, fsync the directory."""
+
+import os
+import tempfile
+
+
+def fsync_dir(path):
+    """Make a rename or unlink inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path):
+    """Flush one file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data):
+    """Replace `path` with `data` so that a crash leaves either the old or the new bytes."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def move_durably(src, dst):
+    """Rename `src` to `dst` (same filesystem) and make both directory entries durable."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(dst))
+    if os.path.dirname(src) != os.path.dirname(dst):
+        fsync_dir(os.path.dirname(src))
+
+
+def unlink_durably(path):
+    """Remove `path` if present and make the removal durable."""
+    if _unlink_quietly(path):
+        fsync_dir(os.path.dirname(path))
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,62 @@
+"""Expected failures, each a small named exception whose message says what, where and what to do."""
+
+
+class RelayError(Exception):
+    """Base of every expected logpipe-relay failure."""
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid; the message names file, key and problem."""
+
+
+class LockHeld(RelayError):
+    """Another run holds the lock."""
+
+
+class RemoteError(RelayError):
+    """rsync or ssh failed; `kind` says how and `transient` whether a retry may help."""
+
+    kind = "remote"
+    transient = False
+
+    def __init__(self, message, *, server="", code=None):
+        super().__init__(message)
+        self.server = server
+        self.code = code
+
+
+class RemoteUnreachable(RemoteError):
+    """Refused, timed out, reset: worth a retry."""
+
+    kind = "unreachable"
+    transient = True
+
+
+class AuthFailed(RemoteError):
+    """Key or password refused by the server."""
+
+    kind = "auth"
+
+
+class HostKeyMismatch(RemoteError):
+    """The server's host key is unknown or changed."""
+
+    kind = "hostkey"
+
+
+class RemoteFileMissing(RemoteError):
+    """The file vanished between listing and fetch."""
+
+    kind = "missing"
+
+
+class ArchiveError(RelayError):
+    """Extraction failed for a reason other than corrupt input (disk full, I/O): retryable."""
+
+    kind = "extract"
+
+
+class CorruptArchive(RelayError):
+    """The input is corrupt, truncated, of an unknown format or a decompression bomb."""
+
+    kind = "corrupt"

@@ -1,0 +1,149 @@
+"""The durable truth: one msgspec record per file under STATE_DIR, written atomically, plus a rebuildable index."""
+
+import hashlib
+import os
+import time
+from typing import Optional
+
+import msgspec
+
+from . import durable
+
+PENDING, COPIED, VERIFIED, EXTRACTED, PROCESSED, ERROR = (
+    "pending", "copied", "verified", "extracted", "processed", "error")
+
+# The stage that failed decides where a parked file waits and which task recovers it.
+ERROR_STAGE = {"copy": "fetch", "extract": "extract", "quarantine": "extract"}
+
+
+class Record(msgspec.Struct, kw_only=True):
+    """Everything known about one remote (or locally dropped) file."""
+
+    key: str
+    server: str
+    origin: str  # "remote" or "local"
+    remote_path: str = ""  # surrogate-escaped, as os.fsdecode gives it
+    local_name: str = ""
+    size: int = -1  # at listing
+    mtime: str = ""  # at listing, as the remote `find` printed it
+    generation: int = 0
+    status: str = PENDING
+    sha256: str = ""
+    format: str = ""
+    duplicate_of: str = ""
+    error_kind: str = ""  # copy | extract | quarantine
+    last_error: str = ""
+    attempts: dict = {}
+    extracted_path: str = ""
+    extracted_size: int = -1
+    extracted_sha256: str = ""
+    source_path: str = ""  # where the compressed source ended: processed/, error/…, or "" if deleted
+    run_id: str = ""  # the run that last changed status
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def parked(self):
+        """True when the file waits in error/ for a recovery."""
+        return self.status == ERROR
+
+
+def record_key(server, origin, path):
+    """Stable, filesystem-safe key for a file of `server` (any bytes in `path`)."""
+    raw = b"\0".join([server.encode(), origin.encode(), os.fsencode(path)])
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+_encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(Record)
+
+
+class _IndexEntry(msgspec.Struct, array_like=True):
+    mtime_ns: int
+    size: int
+    record: Record
+
+
+_index_decoder = msgspec.json.Decoder(dict[str, _IndexEntry])
+
+
+class Store:
+    """Per-server record files `records/<server>/<key>.json` and an index that only speeds up loading."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.records = {}  # server -> key -> latest Record known to this process
+
+    def _dir(self, server):
+        return os.path.join(self.state_dir, "records", server)
+
+    def _index_path(self, server):
+        return os.path.join(self.state_dir, "index", f"{server}.json")
+
+    def path(self, record):
+        """Where `record` lives on disk."""
+        return os.path.join(self._dir(record.server), f"{record.key}.json")
+
+    def save(self, record, run_id=None):
+        """Write `record` atomically and durably."""
+        record.updated_at = time.time()
+        if not record.created_at:
+            record.created_at = record.updated_at
+        if run_id is not None:
+            record.run_id = run_id
+        os.makedirs(self._dir(record.server), exist_ok=True)
+        durable.write_atomic(self.path(record), _encoder.encode(record))
+        self.records.setdefault(record.server, {})[record.key] = record
+
+    def get(self, server, key) -> Optional[Record]:
+        """Read one record fresh from disk, or None."""
+        try:
+            with open(os.path.join(self._dir(server), f"{key}.json"), "rb") as fh:
+                return _record_decoder.decode(fh.read())
+        except FileNotFoundError:
+            return None
+
+    def load_server(self, server):
+        """All records of `server`, by key; decodes only the record files changed since the index."""
+        index = self._read_index(server)
+        records = self.records[server] = {}
+        try:
+            entries = list(os.scandir(self._dir(server)))
+        except FileNotFoundError:
+            return records
+        for entry in entries:
+            if not entry.name.endswith(".json") or entry.name.startswith("."):
+                continue
+            key = entry.name[:-5]
+            st = entry.stat()
+            cached = index.get(key)
+            if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
+                records[key] = cached.record
+            else:
+                record = self.get(server, key)
+                if record is not None:
+                    records[key] = record
+        return records
+
+    def _read_index(self, server):
+        try:
+            with open(self._index_path(server), "rb") as fh:
+                return _index_decoder.decode(fh.read())
+        except (FileNotFoundError, msgspec.DecodeError):
+            return {}
+
+    def write_index(self, server):
+        """Rewrite the load-speed index of `server` from the records this process knows."""
+        entries = {}
+        for key, record in self.records.get(server, {}).items():
+            try:
+                st = os.stat(self.path(record))
+            except FileNotFoundError:
+                continue
+            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size, record)
+        os.makedirs(os.path.dirname(self._index_path(server)), exist_ok=True)
+        # The index is only a cache of the records, so a plain rename (no fsync) is enough.
+        tmp = self._index_path(server) + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(_encoder.encode(entries))
+        os.replace(tmp, self._index_path(server))
