@@ -1,0 +1,67 @@
+"""Structured logging: JSON lines (or text) in LOG_DIR/logpipe-relay.log, warnings also on stderr."""
+
+import datetime
+import logging
+import logging.handlers
+import os
+
+import msgspec
+
+LOGGER_NAME = "logpipe_relay"
+FIELDS = ("server", "file", "operation", "bytes", "duration_ms", "attempt", "error")
+_encoder = msgspec.json.Encoder()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line with UTC timestamps ending in Z."""
+
+    def format(self, record):
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        doc = {
+            "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                doc[field] = value
+        return _encoder.encode(doc).decode("utf-8", "backslashreplace")
+
+
+class TextFormatter(logging.Formatter):
+    """`time level message key=value…` for humans."""
+
+    def format(self, record):
+        extras = " ".join(f"{f}={getattr(record, f)!r}" for f in FIELDS if getattr(record, f, None) is not None)
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        return f"{stamp:%Y-%m-%dT%H:%M:%SZ} {record.levelname} {record.getMessage()} {extras}".rstrip()
+
+
+def setup(log_dir, log_format="json", level="INFO"):
+    """Attach the file handler (and a stderr handler for warnings) once per process."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if getattr(logger, "_relay_configured", None) == (log_dir, log_format, level):
+        return logger
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    os.makedirs(log_dir, exist_ok=True)
+    file_handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "logpipe-relay.log"),
+                                                       encoding="utf-8", errors="backslashreplace")
+    file_handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.setFormatter(TextFormatter())
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+    logger.setLevel(level)
+    logger.propagate = False
+    logger._relay_configured = (log_dir, log_format, level)
+    return logger
+
+
+def get():
+    """The package logger."""
+    return logging.getLogger(LOGGER_NAME)

@@ -1,0 +1,291 @@
+"""Everything that crosses SSH: argument lists (pure), listing, batch fetch, connection reuse. The only user of `sh`."""
+
+import atexit
+import hashlib
+import os
+import re
+import shlex
+import tempfile
+import threading
+
+import msgspec
+import sh
+
+from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One path as the remote listing saw it."""
+
+    kind: str  # find's %y: f regular, l link, d directory, …
+    size: int
+    mtime: str  # seconds since the epoch with fraction, as find printed it
+    path: str  # surrogate-escaped str of the raw bytes
+
+    @property
+    def mtime_s(self):
+        """Whole seconds of the mtime, the precision compared after a fetch."""
+        return int(self.mtime.split(".")[0])
+
+
+# --- pure: argument lists -------------------------------------------------------------------
+
+def control_dir(state_dir):
+    """A private directory for ControlMaster sockets, short enough for a unix socket path."""
+    candidate = os.path.join(state_dir, "ssh")
+    if len(candidate) <= 50:
+        return candidate
+    digest = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+    return os.path.join(tempfile.gettempdir(), f"logpipe-relay-{os.getuid()}-{digest}")
+
+
+def ssh_options(settings, server, sockets):
+    """ssh `-o` options: host keys checked, timeouts, keepalives and a shared connection."""
+    opts = [
+        "-o", f"UserKnownHostsFile={settings.ssh_known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"StrictHostKeyChecking={settings.ssh_strict_host_key_checking}",
+        "-o", f"ConnectTimeout={settings.ssh_connect_timeout}",
+        "-o", f"ServerAliveInterval={settings.ssh_server_alive_interval}",
+        "-o", f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
+        "-o", f"ControlPath={sockets}/%C",
+        "-o", "LogLevel=ERROR",
+        "-p", str(server.port),
+        "-l", server.user,
+    ]
+    identity = server.identity_file or settings.ssh_identity_file
+    if identity:
+        opts += ["-i", identity, "-o", "IdentitiesOnly=yes"]
+    if server.auth == "password":
+        opts += ["-o", "PreferredAuthentications=password,keyboard-interactive",
+                 "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"]
+    else:
+        opts += ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
+    return opts
+
+
+def with_password(server, argv):
+    """Prefix `argv` with `sshpass -e` for password servers; the password travels in SSHPASS only."""
+    return ["sshpass", "-e", *argv] if server.auth == "password" else list(argv)
+
+
+def master_argv(settings, server, sockets):
+    """Start a background ControlMaster that later commands share."""
+    return with_password(server, [
+        "ssh", *ssh_options(settings, server, sockets),
+        "-o", "ControlMaster=yes", "-o", f"ControlPersist={settings.ssh_control_persist}",
+        "-f", "-N", "--", server.host])
+
+
+def check_master_argv(settings, server, sockets):
+    """Ask whether a ControlMaster is already up (no network)."""
+    return ["ssh", *ssh_options(settings, server, sockets), "-O", "check", "--", server.host]
+
+
+def exit_master_argv(settings, server, sockets):
+    """Ask the ControlMaster to exit."""
+    return ["ssh", *ssh_options(settings, server, sockets), "-O", "exit", "--", server.host]
+
+
+def _rsync_quote(arg):
+    # rsync splits -e on spaces and honours single or double quotes (no backslashes).
+    if not re.search(r"[\s'\"]", arg):
+        return arg
+    return f"'{arg}'" if "'" not in arg else f'"{arg}"'
+
+
+def rsync_argv(settings, server, sockets, remote_dir, staging):
+    """Hardened rsync pulling the basenames given on stdin from `remote_dir` into `staging`."""
+    ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets),
+                                 "-o", "ControlMaster=no"])
+    return [
+        "rsync", "--protect-args", "--times", "--no-relative", "--from0", "--files-from=-",
+        "--ignore-missing-args", "--chmod=F0644", "--no-motd",
+        f"--timeout={settings.ssh_deadline}",
+        "-e", " ".join(_rsync_quote(a) for a in ssh),
+        "--", f"{server.host}:{remote_dir.rstrip('/')}/", staging.rstrip("/") + "/",
+    ]
+
+
+def split_glob(pattern):
+    """Split an absolute glob into the deepest wildcard-free directory and the depth below it."""
+    parts = pattern.rstrip("/").split("/")[1:]
+    fixed = 0
+    while fixed < len(parts) - 1 and not re.search(r"[*?\[]", parts[fixed]):
+        fixed += 1
+    return "/" + "/".join(parts[:fixed]), len(parts) - fixed
+
+
+def listing_script(patterns):
+    """One POSIX shell line that prints `type size mtime path\\0` for every match of `patterns`."""
+    steps = []
+    for pattern in patterns:
+        root, depth = split_glob(pattern)
+        steps.append(
+            f"{{ [ ! -e {shlex.quote(root)} ] || find {shlex.quote(root)} -mindepth {depth} "
+            f"-maxdepth {depth} -path {shlex.quote(pattern.rstrip('/'))} "
+            f"-printf '%y %s %T@ %p\\0'; }}")
+    return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
+
+
+def parse_listing(raw):
+    """Entries from the NUL-separated listing output; names keep every byte."""
+    entries = []
+    for chunk in raw.split(b"\0"):
+        if not chunk:
+            continue
+        kind, size, mtime, path = chunk.split(b" ", 3)
+        entries.append(Entry(kind.decode(), int(size), mtime.decode(), os.fsdecode(path)))
+    return entries
+
+
+_HOSTKEY = re.compile(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
+                      r"No .* host key is known", re.I)
+_AUTH = re.compile(r"Permission denied|Authentication failed|Too many authentication failures", re.I)
+_UNREACHABLE = re.compile(r"Connection refused|Connection timed out|timed out|Connection reset|"
+                          r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
+                          r"closed|Connection closed|Could not resolve|Name or service not known|"
+                          r"kex_exchange_identification|lost connection|deadline", re.I)
+_MISSING = re.compile(r"No such file or directory", re.I)
+
+
+def classify(code, stderr, *, server="", tool="ssh"):
+    """Turn an exit code plus stderr into a named RemoteError; codes alone are ambiguous."""
+    text = stderr.strip().splitlines()
+    detail = text[-1] if text else f"exit status {code}"
+    where = f"{tool} to {server}" if server else tool
+    if tool.startswith("sshpass") and code == 5 or _AUTH.search(stderr):
+        return AuthFailed(f"{where}: authentication refused ({detail}); check the user, key or "
+                          "password for this server", server=server, code=code)
+    if tool.startswith("sshpass") and code == 6 or _HOSTKEY.search(stderr):
+        return HostKeyMismatch(f"{where}: host key not accepted ({detail}); check SSH_KNOWN_HOSTS "
+                               "for this host", server=server, code=code)
+    if _UNREACHABLE.search(stderr) or code in (255, 10, 12, 30, 35):
+        return RemoteUnreachable(f"{where}: unreachable ({detail})", server=server, code=code)
+    if _MISSING.search(stderr):
+        return RemoteFileMissing(f"{where}: {detail}", server=server, code=code)
+    return RemoteUnreachable(f"{where}: failed with status {code} ({detail})", server=server, code=code)
+
+
+# --- I/O ------------------------------------------------------------------------------------
+
+def _env_for(server):
+    env = dict(os.environ)
+    env.pop("SSHPASS", None)
+    if server.auth == "password":
+        secret = os.environ.get(server.password_env)
+        if not secret:
+            raise AuthFailed(f"server {server.name} uses password auth but ${server.password_env} is "
+                             "not set; export it in the environment of the run", server=server.name)
+        env["SSHPASS"] = secret
+    return env
+
+
+def _run(server, argv, *, deadline, stdin=None):
+    """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline."""
+    try:
+        proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(server), _bg=True, _bg_exc=False,
+                                   _new_group=True, _in=stdin, _ok_code=list(range(256)))
+    except sh.CommandNotFound:
+        raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
+                          f"{'openssh-client' if argv[0] == 'ssh' else argv[0]})", server=server.name)
+    try:
+        proc.wait(timeout=deadline)
+    except sh.TimeoutException:
+        try:
+            proc.kill_group()
+        except ProcessLookupError:
+            pass
+        raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
+                                "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
+    return proc.exit_code, proc.stdout, proc.stderr.decode(errors="replace")
+
+
+class Connection:
+    """A per-server handle that keeps one ControlMaster open for the run."""
+
+    def __init__(self, settings, server):
+        self.settings = settings
+        self.server = server
+        self.sockets = control_dir(settings.state_dir)
+        self._lock = threading.Lock()
+        self._open = False
+
+    def _tool(self):
+        return "sshpass+ssh" if self.server.auth == "password" else "ssh"
+
+    def open(self):
+        """Make sure a ControlMaster is up, starting one if needed."""
+        with self._lock:
+            if self._open:
+                return
+            os.makedirs(self.sockets, mode=0o700, exist_ok=True)
+            os.chmod(self.sockets, 0o700)
+            code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
+                              deadline=self.settings.ssh_connect_timeout + 5)
+            if code != 0:
+                self._start_master()
+            self._open = True
+            _OPEN.add(self)
+
+    def _start_master(self):
+        # The master lives on in the background; its stdio must not be pipes we wait on.
+        with tempfile.TemporaryFile() as err:
+            argv = master_argv(self.settings, self.server, self.sockets)
+            try:
+                proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(self.server), _in=None,
+                                           _out=os.devnull, _err=err, _new_group=True,
+                                           _ok_code=list(range(256)),
+                                           _timeout=self.settings.ssh_connect_timeout * 3 + 5)
+                code = proc.exit_code
+            except sh.TimeoutException:
+                raise RemoteUnreachable(f"ssh to {self.server.name}: no answer while connecting",
+                                        server=self.server.name)
+            err.seek(0)
+            stderr = err.read().decode(errors="replace")
+        if code != 0:
+            raise classify(code, stderr, server=self.server.name,
+                           tool="sshpass" if self.server.auth == "password" else "ssh")
+
+    def close(self):
+        """Stop the ControlMaster."""
+        with self._lock:
+            if self._open:
+                _run(self.server, exit_master_argv(self.settings, self.server, self.sockets),
+                     deadline=10)
+                self._open = False
+                _OPEN.discard(self)
+
+    def list_files(self):
+        """One round trip: every path matching the server's remote_path globs."""
+        self.open()
+        script = listing_script(self.server.remote_paths)
+        argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets),
+                "-o", "ControlMaster=no", "--", self.server.host, script]
+        code, out, err = _run(self.server, with_password(self.server, argv),
+                              deadline=self.settings.ssh_deadline)
+        if code != 0:
+            raise classify(code, err, server=self.server.name, tool=self._tool())
+        return parse_listing(out)
+
+    def fetch(self, remote_dir, names, staging):
+        """Pull `names` (basenames in `remote_dir`) into `staging` in one rsync; raise on failure."""
+        self.open()
+        os.makedirs(staging, exist_ok=True)
+        listing = b"".join(os.fsencode(n) + b"\0" for n in names)
+        argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging)
+        code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing)
+        if code != 0:
+            raise classify(code, err, server=self.server.name, tool="rsync")
+
+
+_OPEN = set()
+
+
+@atexit.register
+def _close_all():
+    for conn in list(_OPEN):
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - best effort at exit; ControlPersist ends it anyway
+            pass
