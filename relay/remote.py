@@ -128,6 +128,11 @@ def listing_script(patterns):
     return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
 
 
+def glob_escape(path):
+    """`path` as a find -path pattern that matches only itself."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", path)
+
+
 def parse_listing(raw):
     """Entries from the NUL-separated listing output; names keep every byte."""
     entries = []
@@ -258,8 +263,19 @@ class Connection:
 
     def list_files(self):
         """One round trip: every path matching the server's remote_path globs."""
+        return self.list_paths(self.server.remote_paths)
+
+    def stat_path(self, path):
+        """The listing entry of one exact remote path, or None."""
+        for entry in self.list_paths([glob_escape(path)]):
+            if entry.path == path:
+                return entry
+        return None
+
+    def list_paths(self, patterns):
+        """One round trip: every path matching `patterns`."""
         self.open()
-        script = listing_script(self.server.remote_paths)
+        script = listing_script(patterns)
         argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets),
                 "-o", "ControlMaster=no", "--", self.server.host, script]
         code, out, err = _run(self.server, with_password(self.server, argv),

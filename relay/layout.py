@@ -1,0 +1,46 @@
+"""Where files live: the user's data tree under DATA_ROOT and our private work areas under TMP_DIR."""
+
+import hashlib
+import os
+
+ERROR_KINDS = ("copy", "extract", "quarantine")
+
+
+class Layout:
+    """Paths of the data tree for one configuration."""
+
+    def __init__(self, settings):
+        self.root = settings.data_root
+        self.tmp = settings.tmp_dir
+
+    def incoming(self, server):
+        """Fetched or dropped files waiting for extraction."""
+        return os.path.join(self.root, "incoming", server)
+
+    def extracted(self, server):
+        """Extracted output."""
+        return os.path.join(self.root, "extracted", server)
+
+    def processed(self, server):
+        """Sources kept after extraction."""
+        return os.path.join(self.root, "processed", server)
+
+    def error(self, kind, server):
+        """Parked files of one error kind."""
+        return os.path.join(self.root, "error", kind, server)
+
+    def staging(self, server, remote_dir):
+        """rsync's private landing directory for one remote directory."""
+        tag = hashlib.sha256(os.fsencode(remote_dir)).hexdigest()[:20]
+        return os.path.join(self.tmp, "fetch", server, tag)
+
+    def extract_tmp(self, server):
+        """Where extraction output is written before it is renamed into extracted/."""
+        return os.path.join(self.tmp, "extract", server)
+
+    def make_tree(self, servers):
+        """Create every directory of the data tree for `servers`."""
+        for server in servers:
+            for path in (self.incoming(server), self.extracted(server), self.processed(server),
+                         self.extract_tmp(server), *(self.error(k, server) for k in ERROR_KINDS)):
+                os.makedirs(path, exist_ok=True)

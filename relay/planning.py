@@ -1,0 +1,163 @@
+"""Pure planning: from a listing, the local incoming files and the state records, decide what work is due."""
+
+import os
+from typing import Optional
+
+import msgspec
+
+from . import state
+from .state import Record
+
+STAGES = ("fetch", "verify", "extract")
+# The first stage still to run for a record in each status.
+NEXT_STAGE = {state.PENDING: "fetch", state.COPIED: "verify", state.VERIFIED: "extract",
+              state.EXTRACTED: "extract"}
+
+
+class Work(msgspec.Struct):
+    """A file with work due, from stage `first` on."""
+
+    key: str
+    first: str
+    record: Record
+
+
+class Skip(msgspec.Struct):
+    """A listed path left alone this run, and why."""
+
+    path: str
+    reason: str
+
+
+class Plan(msgspec.Struct):
+    """What one server's run will do."""
+
+    server: str
+    due: list = []
+    parked: list = []  # Records waiting in error/ for a recovery
+    skipped: list = []
+    done: int = 0
+
+
+def label(name):
+    """A printable, shell-friendly rendering of a file name for task names and logs."""
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "backslashreplace").replace("\\", "\\\\") if b"\\" in raw else \
+        raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def versioned(name, generation, sha256):
+    """`name` for generation 0; later generations get `.<sha12>` before the compression suffix."""
+    if generation == 0 or not sha256:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tag = sha256[:12]
+    return f"{stem}.{tag}.{suffix}" if dot and stem else f"{name}.{tag}"
+
+
+def _claims(records):
+    return {r.local_name: r.key for r in records.values() if r.local_name}
+
+
+def _local_name(entry_path, key, claims):
+    base = os.path.basename(entry_path)
+    owner = claims.get(base)
+    return base if owner in (None, key) else f"{base}~{key[:8]}"
+
+
+def _fresh(record, **changes):
+    """A new generation of a finished record, ready to go through the stages again."""
+    return Record(key=record.key, server=record.server, origin=record.origin,
+                  remote_path=record.remote_path, local_name=record.local_name,
+                  generation=record.generation + 1, created_at=record.created_at, **changes)
+
+
+def plan_server(server, records, entries, incoming, now, min_age):
+    """Decide the due, parked and skipped files of one server.
+
+    `entries`: the remote listing (None if the server could not be listed);
+    `incoming`: (name, size, mtime) of files found in incoming/<server>/, or None when switched off.
+    """
+    plan = Plan(server=server)
+    claims = _claims(records)
+    seen = set()
+    for entry in entries or ():
+        if entry.kind != "f":
+            plan.skipped.append(Skip(entry.path, f"not a regular file (type {entry.kind})"))
+            continue
+        key = state.record_key(server, "remote", entry.path)
+        seen.add(key)
+        record = records.get(key)
+        young = now - float(entry.mtime) < min_age
+        if record is None:
+            if young:
+                plan.skipped.append(Skip(entry.path, "younger than min_file_age_seconds"))
+                continue
+            record = Record(key=key, server=server, origin="remote", remote_path=entry.path,
+                            local_name=_local_name(entry.path, key, claims), size=entry.size,
+                            mtime=entry.mtime)
+            claims[record.local_name] = key
+            plan.due.append(Work(key, "fetch", record))
+        else:
+            _place_known(plan, record, entry.size, entry.mtime, young)
+    for name, size, mtime in incoming or ():
+        key = state.record_key(server, "local", name)
+        if claims.get(name, key) != key:
+            continue  # a fetched file waiting for its own stages
+        record = records.get(key)
+        young = now - float(mtime) < min_age
+        if record is None:
+            if young:
+                plan.skipped.append(Skip(name, "younger than min_file_age_seconds"))
+                continue
+            record = Record(key=key, server=server, origin="local", local_name=name, size=size,
+                            mtime=mtime, status=state.COPIED)
+            plan.due.append(Work(key, "verify", record))
+        else:
+            seen.add(key)
+            _place_known(plan, record, size, mtime, young)
+    for key, record in records.items():
+        if key in seen:
+            continue
+        if record.parked:
+            plan.parked.append(record)
+        elif record.status in (state.COPIED, state.VERIFIED, state.EXTRACTED):
+            # Fetched already; the listing (or the local drop) no longer shows it, which is fine.
+            plan.due.append(Work(key, NEXT_STAGE[record.status], record))
+        elif record.status == state.PROCESSED:
+            plan.done += 1
+    return plan
+
+
+def _place_known(plan, record, size, mtime, young):
+    if record.parked:
+        plan.parked.append(record)
+    elif record.status == state.PROCESSED:
+        if (record.size, record.mtime) == (size, mtime):
+            plan.done += 1
+        elif young:
+            plan.skipped.append(Skip(record.remote_path or record.local_name,
+                                     "changed and younger than min_file_age_seconds"))
+        else:
+            status = state.COPIED if record.origin == "local" else state.PENDING
+            fresh = _fresh(record, size=size, mtime=mtime, status=status)
+            plan.due.append(Work(record.key, NEXT_STAGE[status], fresh))
+    elif record.status == state.PENDING:
+        if young:
+            plan.skipped.append(Skip(record.remote_path, "younger than min_file_age_seconds"))
+            return
+        fresh = msgspec.structs.replace(record, size=size, mtime=mtime)
+        plan.due.append(Work(record.key, "fetch", fresh))
+    else:
+        plan.due.append(Work(record.key, NEXT_STAGE[record.status], record))
+
+
+def first_stage_index(stage: str) -> int:
+    """Position of `stage` in the fetch → verify → extract chain."""
+    return STAGES.index(stage)
+
+
+def parked_stage(record: Record) -> Optional[str]:
+    """The stage whose task recovers a parked record."""
+    return state.ERROR_STAGE.get(record.error_kind, "extract")

@@ -1,0 +1,232 @@
+"""Load time (config, lock, state, one listing per server) and the doit task generators built from the plans."""
+
+import concurrent.futures
+import fcntl
+import os
+import time
+
+from doit.exceptions import InvalidDodoFile
+
+from . import logs, planning, stages, state
+from .config import load_settings
+from .errors import ConfigError, RemoteError
+from .layout import ERROR_KINDS
+from .retry import call_with_retry
+
+_LOCK_FD = None
+
+
+class RunLocked(InvalidDodoFile):
+    """Another run holds the lock (a user error: doit prints it and exits 3)."""
+
+
+def acquire_lock(state_dir):
+    """Hold STATE_DIR/lock for the life of this process; refuse at once if another run holds it."""
+    global _LOCK_FD
+    if _LOCK_FD is not None:
+        return
+    path = os.path.join(state_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLocked(f"another logpipe-relay run holds {path} ({holder}); this run changed nothing. "
+                        "Wait for it to finish, or check that it is still alive.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+    _LOCK_FD = fd
+
+
+def release_lock():
+    """Let another run start (tests loading several runs in one process)."""
+    global _LOCK_FD
+    if _LOCK_FD is not None:
+        os.close(_LOCK_FD)
+        _LOCK_FD = None
+
+
+def sweep(rt):
+    """Remove temp files a killed run left behind: partial extractions, rsync temps, record temps."""
+    removed = 0
+    roots = [os.path.join(rt.settings.tmp_dir, "extract"), os.path.join(rt.settings.tmp_dir, "fetch"),
+             os.path.join(rt.settings.state_dir, "records"), os.path.join(rt.settings.data_root, "error")]
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                stale = name.endswith(".part") if root.endswith("extract") else name.startswith(".")
+                if stale:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    if removed:
+        rt.log.info(f"swept {removed} temp file(s) left by an interrupted run", extra={"operation": "sweep"})
+
+
+def scan_incoming(rt, server):
+    """(name, size, mtime) of regular files in incoming/<server>/; other kinds are logged and skipped."""
+    found = []
+    for entry in os.scandir(rt.layout.incoming(server)):
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            found.append((entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
+        else:
+            rt.log.warning(f"skipped {planning.label(entry.name)} in incoming/: not a regular file",
+                           extra={"server": server, "operation": "list"})
+    return found
+
+
+def _list_server(rt, server):
+    settings = rt.settings
+    try:
+        return call_with_retry(rt.connections[server.name].list_files, attempts=settings.max_retry_copy,
+                               base=settings.retry_delay_base, cap=settings.retry_delay_max,
+                               is_transient=lambda e: getattr(e, "transient", False))
+    except RemoteError as exc:
+        rt.listing_errors[server.name] = str(exc)
+        rt.log.error(f"listing failed: {exc}", extra={"server": server.name, "operation": "list",
+                                                      "error": str(exc)})
+        return None
+
+
+def load(config_dir=None, environ=None, process_incoming=None, now=None):
+    """Validate config, take the lock, load state, list every enabled server and plan the run."""
+    settings = load_settings(config_dir, environ)
+    for path in (settings.state_dir, settings.log_dir, settings.tmp_dir):
+        os.makedirs(path, exist_ok=True)
+    acquire_lock(settings.state_dir)
+    logs.setup(settings.log_dir, settings.log_format, settings.log_level)
+    rt = stages.Runtime(settings)
+    servers = settings.enabled_servers
+    rt.layout.make_tree(s.name for s in servers)
+    sweep(rt)
+    if process_incoming is None:
+        process_incoming = settings.process_incoming
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(servers)))) as pool:
+        listings = dict(zip([s.name for s in servers], pool.map(lambda s: _list_server(rt, s), servers)))
+    now = time.time() if now is None else now
+    for srv in servers:
+        records = rt.store.load_server(srv.name)
+        incoming = scan_incoming(rt, srv.name) if process_incoming else None
+        plan = planning.plan_server(srv.name, records, listings[srv.name], incoming, now,
+                                    settings.min_file_age_seconds)
+        for skip in plan.skipped:
+            rt.log.info(f"skipped {planning.label(skip.path)}: {skip.reason}",
+                        extra={"server": srv.name, "operation": "list"})
+        for work in plan.due:
+            rt.planned[(srv.name, work.key)] = work.record
+        rt.plans[srv.name] = plan
+    stages.RUNTIME = rt
+    return rt
+
+
+def doit_config(config_dir=None):
+    """Load the run (or fail as a doit user error) and return DOIT_CONFIG."""
+    try:
+        from doit import get_var
+        incoming = get_var("incoming", None)
+        config_dir = config_dir or get_var("config", None)
+    except Exception:  # noqa: BLE001 - get_var is only usable under the doit command
+        incoming = None
+    if incoming is not None:
+        incoming = incoming.lower() not in ("0", "no", "false", "off")
+    try:
+        rt = load(config_dir, process_incoming=incoming)
+    except ConfigError as exc:
+        raise InvalidDodoFile(str(exc)) from None
+    return {
+        "default_tasks": ["extract"],
+        "dep_file": os.path.join(rt.settings.state_dir, "doit.db"),
+        "backend": "sqlite3",
+        "num_process": rt.settings.max_workers,
+        "par_type": "thread",
+        "check_file_uptodate": "timestamp",
+    }
+
+
+# --- task generators (pure: they only read the plans) ------------------------------------------
+
+def _labels(plan):
+    """A unique task label per key of one server's plan."""
+    labels, used = {}, set()
+    records = [w.record for w in plan.due] + list(plan.parked)
+    for rec in records:
+        text = planning.label(rec.local_name or rec.remote_path)
+        if text in used:
+            text = f"{text}~{rec.key[:8]}"
+        used.add(text)
+        labels[rec.key] = text
+    return labels
+
+
+def fetch_tasks(plans):
+    """`fetch:<server>/<file>` for files still to fetch, and the `fetch:<server>` groups."""
+    for server, plan in plans.items():
+        labels = _labels(plan)
+        names = []
+        for work in plan.due:
+            if work.first == "fetch":
+                name = f"{server}/{labels[work.key]}"
+                names.append(f"fetch:{name}")
+                yield {"name": name, "actions": [(stages.fetch_file, [server, work.key])],
+                       "uptodate": [False], "doc": f"fetch {server}:{labels[work.key]}"}
+        yield {"name": server, "actions": None, "task_dep": names, "doc": f"fetch everything due on {server}"}
+
+
+def verify_tasks(plans):
+    """`verify:<server>/<file>` for files still to verify, and the `verify:<server>` groups."""
+    for server, plan in plans.items():
+        labels = _labels(plan)
+        names = []
+        for work in plan.due:
+            if work.first in ("fetch", "verify"):
+                name = f"{server}/{labels[work.key]}"
+                names.append(f"verify:{name}")
+                deps = [f"fetch:{name}"] if work.first == "fetch" else []
+                yield {"name": name, "actions": [(stages.verify_file, [server, work.key])],
+                       "task_dep": deps, "uptodate": [False], "doc": f"verify {server}:{labels[work.key]}"}
+        yield {"name": server, "actions": None, "task_dep": names, "doc": f"verify everything due on {server}"}
+
+
+def extract_tasks(plans):
+    """`extract:<server>/<file>` for due and parked files, and the `extract:<server>` groups with the summary."""
+    for server, plan in plans.items():
+        labels = _labels(plan)
+        names = []
+        for work in plan.due:
+            name = f"{server}/{labels[work.key]}"
+            names.append(f"extract:{name}")
+            deps = [f"verify:{name}"] if work.first in ("fetch", "verify") else []
+            yield {"name": name, "actions": [(stages.extract_file, [server, work.key])],
+                   "task_dep": deps, "uptodate": [False], "doc": f"extract {server}:{labels[work.key]}"}
+        for rec in plan.parked:
+            name = f"{server}/{labels[rec.key]}"
+            names.append(f"extract:{name}")
+            # Up to date while parked: only `doit forget` of this task sends it through again.
+            yield {"name": name, "actions": [(stages.extract_file, [server, rec.key])],
+                   "uptodate": [True], "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
+        yield {"name": server, "actions": [(stages.server_summary, [server])], "task_dep": names,
+               "uptodate": [False], "verbosity": 2, "doc": f"everything for {server}: fetch, verify, extract, file"}
+
+
+def recover_tasks(plans):
+    """`recover:<selector>` groups over parked files, for `doit forget -s recover:<selector>`."""
+    groups = {"all": []}
+    for server, plan in plans.items():
+        labels = _labels(plan)
+        groups.setdefault(server, [])
+        for kind in ERROR_KINDS:
+            groups.setdefault(kind, [])
+            groups.setdefault(f"{kind}/{server}", [])
+        for rec in plan.parked:
+            task = f"extract:{server}/{labels[rec.key]}"
+            for selector in ("all", server, rec.error_kind, f"{rec.error_kind}/{server}"):
+                groups[selector].append(task)
+    for selector, deps in groups.items():
+        yield {"name": selector, "actions": None, "task_dep": deps,
+               "doc": f"parked files ({selector}); recover with: doit forget -s recover:{selector} && doit run"}
+
+
+def plans():
+    """The plans of the loaded run."""
+    return stages._rt().plans
