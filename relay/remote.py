@@ -188,19 +188,18 @@ def _env_for(server):
 
 def _run(server, argv, *, deadline, stdin=None):
     """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline."""
+    # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
+    guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     try:
-        proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(server), _bg=True, _bg_exc=False,
-                                   _new_group=True, _in=stdin, _ok_code=list(range(256)))
+        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server), _new_group=True, _in=stdin,
+                                      _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30)
     except sh.CommandNotFound:
         raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
                           f"{'openssh-client' if argv[0] == 'ssh' else argv[0]})", server=server.name)
-    try:
-        proc.wait(timeout=deadline)
     except sh.TimeoutException:
-        try:
-            proc.kill_group()
-        except ProcessLookupError:
-            pass
+        raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
+                                "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
+    if proc.exit_code in (124, 137):
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
                                 "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
     return proc.exit_code, proc.stdout, proc.stderr.decode(errors="replace")
@@ -240,7 +239,7 @@ class Connection:
             try:
                 proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(self.server), _in=None,
                                            _out=os.devnull, _err=err, _new_group=True,
-                                           _ok_code=list(range(256)),
+                                           _ok_code=list(range(256)), _return_cmd=True,
                                            _timeout=self.settings.ssh_connect_timeout * 3 + 5)
                 code = proc.exit_code
             except sh.TimeoutException:

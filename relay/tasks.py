@@ -78,10 +78,15 @@ def scan_incoming(rt, server):
 
 def _list_server(rt, server):
     settings = rt.settings
+    started = time.monotonic()
     try:
-        return call_with_retry(rt.connections[server.name].list_files, attempts=settings.max_retry_copy,
-                               base=settings.retry_delay_base, cap=settings.retry_delay_max,
-                               is_transient=lambda e: getattr(e, "transient", False))
+        entries = call_with_retry(rt.connections[server.name].list_files, attempts=settings.max_retry_copy,
+                                  base=settings.retry_delay_base, cap=settings.retry_delay_max,
+                                  is_transient=lambda e: getattr(e, "transient", False))
+        rt.log.info(f"listed {len(entries)} path(s)", extra={
+            "server": server.name, "operation": "list",
+            "duration_ms": round((time.monotonic() - started) * 1000, 1)})
+        return entries
     except RemoteError as exc:
         rt.listing_errors[server.name] = str(exc)
         rt.log.error(f"listing failed: {exc}", extra={"server": server.name, "operation": "list",
