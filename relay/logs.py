@@ -26,8 +26,9 @@ class JsonFormatter(logging.Formatter):
         for field in FIELDS:
             value = getattr(record, field, None)
             if value is not None:
-                doc[field] = value
-        return _encoder.encode(doc).decode("utf-8", "backslashreplace")
+                doc[field] = printable(value) if isinstance(value, str) else value
+        doc["message"] = printable(doc["message"])
+        return _encoder.encode(doc).decode("utf-8")
 
 
 class TextFormatter(logging.Formatter):
@@ -36,7 +37,12 @@ class TextFormatter(logging.Formatter):
     def format(self, record):
         extras = " ".join(f"{f}={getattr(record, f)!r}" for f in FIELDS if getattr(record, f, None) is not None)
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-        return f"{stamp:%Y-%m-%dT%H:%M:%SZ} {record.levelname} {record.getMessage()} {extras}".rstrip()
+        return printable(f"{stamp:%Y-%m-%dT%H:%M:%SZ} {record.levelname} {record.getMessage()} {extras}".rstrip())
+
+
+def printable(text):
+    """`text` with undecodable file-name bytes shown as \\xNN, safe to print and to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def setup(log_dir, log_format="json", level="INFO"):

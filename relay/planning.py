@@ -1,8 +1,6 @@
 """Pure planning: from a listing, the local incoming files and the state records, decide what work is due."""
 
 import os
-from typing import Optional
-
 import msgspec
 
 from . import state
@@ -35,6 +33,7 @@ class Plan(msgspec.Struct):
     server: str
     due: list = []
     parked: list = []  # Records waiting in error/ for a recovery
+    listed: dict = {}  # key -> (size, mtime) now listed, for parked records (a recovery refetches)
     skipped: list = []
     done: int = 0
 
@@ -133,6 +132,7 @@ def plan_server(server, records, entries, incoming, now, min_age):
 def _place_known(plan, record, size, mtime, young):
     if record.parked:
         plan.parked.append(record)
+        plan.listed[record.key] = (size, mtime)
     elif record.status == state.PROCESSED:
         if (record.size, record.mtime) == (size, mtime):
             plan.done += 1
@@ -153,11 +153,3 @@ def _place_known(plan, record, size, mtime, young):
         plan.due.append(Work(record.key, NEXT_STAGE[record.status], record))
 
 
-def first_stage_index(stage: str) -> int:
-    """Position of `stage` in the fetch → verify → extract chain."""
-    return STAGES.index(stage)
-
-
-def parked_stage(record: Record) -> Optional[str]:
-    """The stage whose task recovers a parked record."""
-    return state.ERROR_STAGE.get(record.error_kind, "extract")

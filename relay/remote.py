@@ -146,12 +146,13 @@ def parse_listing(raw):
 
 _HOSTKEY = re.compile(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
                       r"No .* host key is known", re.I)
-_AUTH = re.compile(r"Permission denied|Authentication failed|Too many authentication failures", re.I)
+_AUTH = re.compile(r"Permission denied \((publickey|password|keyboard)|Permission denied, please try again|"
+                   r"Authentication failed|Too many authentication failures", re.I)
 _UNREACHABLE = re.compile(r"Connection refused|Connection timed out|timed out|Connection reset|"
                           r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
                           r"closed|Connection closed|Could not resolve|Name or service not known|"
                           r"kex_exchange_identification|lost connection|deadline", re.I)
-_MISSING = re.compile(r"No such file or directory", re.I)
+_MISSING = re.compile(r"No such file or directory|failed to open|Permission denied \(13\)", re.I)
 
 
 def classify(code, stderr, *, server="", tool="ssh"):

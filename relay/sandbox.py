@@ -187,7 +187,8 @@ class Sandbox:
         env["SSH_PASSWORD"] = self.password
         return env
 
-    def write_config(self, conf_dir, work_dir, pipeline=None, env=None, patterns=("*.gz",)):
+    def write_config(self, conf_dir, work_dir, pipeline=None, env=None, patterns=("*.gz",), subdir="",
+                     servers=None):
         """Write .env, sources.conf and pipeline.conf pointing at the sandbox; return conf_dir."""
         os.makedirs(conf_dir, exist_ok=True)
         values = {
@@ -202,9 +203,11 @@ class Sandbox:
             fh.writelines(f"{k}={v}\n" for k, v in values.items())
         sources = {"servers": [{
             "name": s.name, "host": s.address, "port": s.port, "user": SANDBOX_USER,
-            "remote_path": [os.path.join(s.remote_dir, p) for p in patterns] if len(patterns) > 1
-            else os.path.join(s.remote_dir, patterns[0]),
+            "remote_path": [os.path.join(s.remote_dir, subdir, p) for p in patterns] if len(patterns) > 1
+            else os.path.join(s.remote_dir, subdir, patterns[0]),
             "enabled": True, "auth": s.auth} for s in self.servers]}
+        for entry, override in zip(sources["servers"], servers or []):
+            entry.update(override)
         with open(os.path.join(conf_dir, "sources.conf"), "w") as fh:
             json.dump(sources, fh, indent=2)
         settings = {"min_file_age_seconds": 0, "max_workers": 2, "min_free_bytes": 0}

@@ -31,6 +31,7 @@ class Runtime:
         self.plans = {}  # server -> Plan
         self.listing_errors = {}  # server -> message
         self.planned = {}  # (server, key) -> Record not yet on disk
+        self.listed = {}  # (server, key) -> (size, mtime) listed now, for parked records
         self.fetched = {}  # (server, key) -> outcome of this run's batch fetch
         self._server_locks = collections.defaultdict(threading.Lock)
         self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
@@ -124,17 +125,23 @@ def park(rt, rec, kind, error):
 def unpark(rt, rec):
     """Bring a parked file back to the stage that failed, with fresh attempt counters."""
     stage = state.ERROR_STAGE.get(rec.error_kind, "extract")
-    attempts = dict(rec.attempts)
-    attempts.pop("fetch" if stage == "fetch" else "extract", None)
-    source = rec.source_path
-    if source.endswith(".error.json") or not os.path.exists(source):
-        durable.unlink_durably(source) if source.endswith(".error.json") else None
-        status = state.PENDING if rec.origin == "remote" else state.COPIED
-    else:
+    attempts = {k: v for k, v in rec.attempts.items() if k != stage}
+    source, status = rec.source_path, state.COPIED
+    if rec.origin == "remote" and rec.error_kind in ("copy", "quarantine"):
+        # Fetch afresh: the fault may have been in transit, or fixed on the server since.
+        status = state.PENDING
+        size, mtime = rt.listed.get((rec.server, rec.key), (rec.size, rec.mtime))
+        rec.size, rec.mtime = size, mtime
+        if source.endswith(".error.json"):
+            durable.unlink_durably(source)
+            source = ""
+    elif os.path.exists(source):
         durable.move_durably(source, os.path.join(rt.layout.incoming(rec.server), rec.local_name))
-        status = state.VERIFIED if rec.sha256 and rec.error_kind == "extract" else state.COPIED
+        source = ""
+        if rec.sha256 and rec.error_kind == "extract":
+            status = state.VERIFIED
     rt.emit(20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
-    return rt.save(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts)
+    return rt.save(rec, status=status, error_kind="", last_error="", source_path=source, attempts=attempts)
 
 
 def _count(rec, stage):
@@ -179,13 +186,14 @@ def _fetch_dir(rt, server, remote_dir, group):
     def attempt():
         for rec in waiting.values():
             _count(rec, "fetch")
-        conn.fetch(remote_dir, sorted(waiting), staging)
-        for name in list(waiting):
-            rec = waiting[name]
-            staged = os.path.join(staging, name)
-            if os.path.exists(staged):
-                _publish_fetched(rt, rec, staged, started)
-                del waiting[name]
+        try:
+            conn.fetch(remote_dir, sorted(waiting), staging)
+        finally:
+            # rsync may fail for some files and still deliver the others: keep what arrived.
+            for name in list(waiting):
+                staged = os.path.join(staging, name)
+                if os.path.exists(staged):
+                    _publish_fetched(rt, waiting.pop(name), staged, started)
 
     def on_failure(exc, number):
         rt.emit(30, f"fetch attempt {number} failed: {exc}", None, server=server, operation="fetch",
@@ -211,7 +219,10 @@ def _publish_fetched(rt, rec, staged, started):
     durable.fsync_file(staged)
     durable.move_durably(staged, target)
     rt.fetched[(rec.server, rec.key)] = "copied"
-    rt.save(rec, status=state.COPIED)
+    superseded = rec.source_path  # a quarantined copy, replaced by this fresh one
+    rt.save(rec, status=state.COPIED, source_path="")
+    if superseded:
+        durable.unlink_durably(superseded)
     rt.emit(20, "fetched", rec, operation="fetch", bytes=os.path.getsize(target),
             duration_ms=round((time.monotonic() - started) * 1000, 1))
 
@@ -275,14 +286,18 @@ def _verify(rt, rec):
 # --- extract and place -------------------------------------------------------------------
 
 def extract_file(server, key):
-    """doit action: bring one file through whatever stages remain, up to placed and processed."""
+    """doit action: bring one file through whatever stages remain, up to placed and processed.
+
+    Returns `{"parked": bool}`: doit keeps it, and `recorded_parked` reads it back to leave a parked
+    file alone until `doit forget` drops that value.
+    """
     rt = _rt()
     rec = rt.record(server, key)
     if rec is None:
-        return True
+        return {"parked": False}
     if rec.parked:
         if rec.run_id == rt.run_id:
-            return True  # parked by this very run: it waits for an explicit recovery
+            return {"parked": True}  # parked by this very run: it waits for an explicit recovery
         rec = unpark(rt, rec)
     if rec.status == state.PENDING:
         fetch_file(server, key)
@@ -294,7 +309,12 @@ def extract_file(server, key):
             _extract(rt, rec)
         if rec.status == state.EXTRACTED:
             _place(rt, rec)
-    return True
+    return {"parked": rec.parked}
+
+
+def recorded_parked(task, values):
+    """doit uptodate check: True while doit remembers that this file's task left it parked."""
+    return values.get("parked") is True
 
 
 def _extract(rt, rec):
@@ -316,8 +336,9 @@ def _extract(rt, rec):
                               min_free=settings.min_free_bytes)
 
     def on_failure(exc, number):
-        rt.emit(30, f"extract attempt {number} failed: {exc}", rec, operation="extract",
-                attempt=number, error=str(exc))
+        if isinstance(exc, ArchiveError):
+            rt.emit(30, f"extract attempt {number} failed: {exc}", rec, operation="extract",
+                    attempt=number, error=str(exc))
 
     try:
         size, sha = call_with_retry(attempt, attempts=settings.max_retry_extract,
@@ -385,5 +406,5 @@ def server_summary(server):
                             f"error/{rec.error_kind}: {rec.last_error}")
     rt.store.write_index(server)
     if problems:
-        return TaskFailed(f"{server}: " + "\n  ".join([f"{len(problems)} problem(s):", *problems]))
+        return TaskFailed(logs.printable(f"{server}: " + "\n  ".join([f"{len(problems)} problem(s):", *problems])))
     return True

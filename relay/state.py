@@ -41,6 +41,7 @@ class Record(msgspec.Struct, kw_only=True):
     run_id: str = ""  # the run that last changed status
     created_at: float = 0.0
     updated_at: float = 0.0
+    raw: dict = {}  # field -> bytes, for values that are not valid UTF-8 (odd file names)
 
     @property
     def parked(self):
@@ -56,6 +57,27 @@ def record_key(server, origin, path):
 
 _encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(Record)
+
+
+def _to_disk(record):
+    """A copy safe for JSON: non-UTF-8 strings shown escaped, their exact bytes kept in `raw`."""
+    raw, changes = {}, {}
+    for name in record.__struct_fields__:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raw[name] = os.fsencode(value)
+                changes[name] = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return msgspec.structs.replace(record, raw=raw, **changes) if raw else record
+
+
+def _from_disk(record):
+    for name, value in record.raw.items():
+        setattr(record, name, os.fsdecode(value))
+    record.raw = {}
+    return record
 
 
 class _IndexEntry(msgspec.Struct, array_like=True):
@@ -92,14 +114,14 @@ class Store:
         if run_id is not None:
             record.run_id = run_id
         os.makedirs(self._dir(record.server), exist_ok=True)
-        durable.write_atomic(self.path(record), _encoder.encode(record))
+        durable.write_atomic(self.path(record), _encoder.encode(_to_disk(record)))
         self.records.setdefault(record.server, {})[record.key] = record
 
     def get(self, server, key) -> Optional[Record]:
         """Read one record fresh from disk, or None."""
         try:
             with open(os.path.join(self._dir(server), f"{key}.json"), "rb") as fh:
-                return _record_decoder.decode(fh.read())
+                return _from_disk(_record_decoder.decode(fh.read()))
         except FileNotFoundError:
             return None
 
@@ -118,7 +140,7 @@ class Store:
             st = entry.stat()
             cached = index.get(key)
             if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
-                records[key] = cached.record
+                records[key] = _from_disk(cached.record)
             else:
                 record = self.get(server, key)
                 if record is not None:
@@ -140,7 +162,7 @@ class Store:
                 st = os.stat(self.path(record))
             except FileNotFoundError:
                 continue
-            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size, record)
+            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size, _to_disk(record))
         os.makedirs(os.path.dirname(self._index_path(server)), exist_ok=True)
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
         tmp = self._index_path(server) + ".tmp"

@@ -120,6 +120,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None):
                         extra={"server": srv.name, "operation": "list"})
         for work in plan.due:
             rt.planned[(srv.name, work.key)] = work.record
+        rt.listed.update({(srv.name, key): listed for key, listed in plan.listed.items()})
         rt.plans[srv.name] = plan
     stages.RUNTIME = rt
     return rt
@@ -140,12 +141,14 @@ def doit_config(config_dir=None):
     except ConfigError as exc:
         raise InvalidDodoFile(str(exc)) from None
     return {
-        "default_tasks": ["extract"],
+        # The per-server groups, not the `extract` basename: a failed server then gives exit 1, not 2.
+        "default_tasks": [f"extract:{s.name}" for s in rt.settings.enabled_servers],
         "dep_file": os.path.join(rt.settings.state_dir, "doit.db"),
         "backend": "sqlite3",
         "num_process": rt.settings.max_workers,
         "par_type": "thread",
         "check_file_uptodate": "timestamp",
+        "continue": True,  # one failing server must not stop the others
     }
 
 
@@ -207,9 +210,9 @@ def extract_tasks(plans):
         for rec in plan.parked:
             name = f"{server}/{labels[rec.key]}"
             names.append(f"extract:{name}")
-            # Up to date while parked: only `doit forget` of this task sends it through again.
+            # Up to date while doit remembers parking it: `doit forget` sends it through again.
             yield {"name": name, "actions": [(stages.extract_file, [server, rec.key])],
-                   "uptodate": [True], "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
+                   "uptodate": [stages.recorded_parked], "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
         yield {"name": server, "actions": [(stages.server_summary, [server])], "task_dep": names,
                "uptodate": [False], "verbosity": 2, "doc": f"everything for {server}: fetch, verify, extract, file"}
 

@@ -1,0 +1,232 @@
+"""End to end: real rsync over real ssh against three sshd servers on loopback (one with a password)."""
+
+import gzip
+import os
+import random
+
+from relay import sandbox as sb
+
+from conftest import needs_root, sha
+
+pytestmark = needs_root
+
+
+def put(env, server, name, data, mtime=1_700_000_000):
+    """Write `data` gzip-compressed as `name` on `server` (old mtime: due at once)."""
+    path = env.remote(server) / name
+    sb.write_gz(str(path), data, mtime=mtime)
+    return path
+
+
+def logs(seed, lines=300):
+    return sb.log_lines(random.Random(seed), lines)
+
+
+def test_full_run_extracts_everything_byte_identical_and_records_state(env):
+    expected = {}
+    for server in ("srv1", "srv2", "srv3"):
+        for n in (1, 2):
+            data = logs(f"{server}{n}")
+            put(env, server, f"app.log.{n}.gz", data)
+            expected[(server, f"app.log.{n}")] = data
+    proc = env.doit("run", check=0)
+    assert "extract:srv2" in proc.stdout  # the password server took part
+    for (server, name), data in expected.items():
+        assert (env.data / "extracted" / server / name).read_bytes() == data
+        assert (env.data / "processed" / server / f"{name}.gz").exists()
+        assert not (env.data / "incoming" / server / f"{name}.gz").exists()
+    records = env.records()
+    assert len(records) == 6
+    for rec in records:
+        assert rec["status"] == "processed"
+        assert rec["format"] == "gzip"
+        assert rec["sha256"] == sha((env.data / "processed" / rec["server"] / rec["local_name"]).read_bytes())
+        assert rec["extracted_sha256"] == sha(open(rec["extracted_path"], "rb").read())
+    log = (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert '"operation":"extract"' in log and env.box.password not in log
+
+
+def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
+    put(env, "srv1", "a.gz", logs("a"))
+    env.doit("run", check=0)
+    before = {p: os.stat(p).st_mtime_ns for p in env.data.rglob("*") if p.is_file()}
+    state_before = {p: os.stat(p).st_mtime_ns for p in (env.state / "records").rglob("*.json")}
+    proc = env.doit("run", check=0)
+    assert "fetch:" not in proc.stdout.replace("fetch:srv", "")  # no per-file task ran
+    assert "srv1/a.gz" not in proc.stdout
+    after = {p: os.stat(p).st_mtime_ns for p in env.data.rglob("*") if p.is_file()}
+    assert after == before
+    assert {p: os.stat(p).st_mtime_ns for p in (env.state / "records").rglob("*.json")} == state_before
+    put(env, "srv1", "b.gz", logs("b"))
+    proc = env.doit("run", check=0)
+    assert "extract:srv1/b.gz" in proc.stdout and "srv1/a.gz" not in proc.stdout
+    assert (env.data / "extracted" / "srv1" / "b").read_bytes() == logs("b")
+    assert os.stat(env.data / "extracted" / "srv1" / "a").st_mtime_ns == before[env.data / "extracted" / "srv1" / "a"]
+
+
+def test_corrupt_file_is_quarantined_and_run_fails_once(env):
+    raw = gzip.compress(logs("c"))
+    bad = env.remote("srv3") / "bad.gz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    os.utime(bad, (1_700_000_000, 1_700_000_000))
+    put(env, "srv3", "good.gz", logs("g"))
+    proc = env.doit("run")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "bad.gz parked in error/quarantine" in proc.stdout + proc.stderr
+    assert (env.data / "error" / "quarantine" / "srv3" / "bad.gz").read_bytes() == raw[: len(raw) // 2]
+    assert (env.data / "extracted" / "srv3" / "good").read_bytes() == logs("g")
+    assert not (env.data / "extracted" / "srv3" / "bad").exists()
+    [rec] = [r for r in env.records("srv3") if r["local_name"] == "bad.gz"]
+    assert rec["status"] == "error" and rec["error_kind"] == "quarantine" and "corrupt" in rec["last_error"]
+    # Parked in an earlier run: later plain runs neither retry it nor fail because of it.
+    env.doit("run", check=0)
+    assert rec == [r for r in env.records("srv3") if r["local_name"] == "bad.gz"][0]
+
+
+def test_odd_names_come_through_intact(env):
+    names = ["with space.gz", "-leading-dash.gz", "quo'te\".gz", "$(touch pwned).gz", "ünïcödé.gz",
+             os.fsdecode(b"latin1-\xe9.gz"), "new\nline.gz"]
+    for i, name in enumerate(names):
+        put(env, "srv1", name, logs(f"odd{i}"))
+    env.doit("run", check=0)
+    for i, name in enumerate(names):
+        assert (env.data / "extracted" / "srv1" / name[:-3]).read_bytes() == logs(f"odd{i}")
+    assert not any(p.name == "pwned" for p in env.remote("srv1").parent.rglob("pwned"))
+
+
+def test_non_regular_and_young_files_are_skipped_and_said(env):
+    put(env, "srv1", "real.gz", logs("r"))
+    os.symlink(env.remote("srv1") / "real.gz", env.remote("srv1") / "link.gz")
+    (env.remote("srv1") / "dir.gz").mkdir()
+    young = env.remote("srv1") / "young.gz"
+    young.write_bytes(gzip.compress(b"fresh\n"))
+    env.configure(pipeline={"min_file_age_seconds": 3600})
+    env.doit("run", check=0)
+    assert sorted(p.name for p in (env.data / "extracted" / "srv1").iterdir()) == ["real"]
+    log = (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert "link.gz: not a regular file (type l)" in log
+    assert "dir.gz: not a regular file (type d)" in log
+    assert "young.gz: younger than min_file_age_seconds" in log
+
+
+def test_duplicate_content_is_recorded_not_extracted_twice(env):
+    data = logs("dup")
+    put(env, "srv1", "one.gz", data)
+    put(env, "srv1", "two.gz", data)
+    env.doit("run", check=0)
+    extracted = sorted(p.name for p in (env.data / "extracted" / "srv1").iterdir())
+    assert len(extracted) == 1
+    recs = {r["local_name"]: r for r in env.records("srv1")}
+    dup = [r for r in recs.values() if r["duplicate_of"]]
+    assert len(dup) == 1 and dup[0]["status"] == "processed"
+    assert dup[0]["duplicate_of"] in {r["key"] for r in recs.values() if not r["duplicate_of"]}
+
+
+def test_delete_source_and_one_server_only(env):
+    env.configure(pipeline={"delete_source": True})
+    for server in ("srv1", "srv2"):
+        put(env, server, "x.gz", logs(server))
+    proc = env.doit("run", "extract:srv1", check=0)
+    assert "srv2" not in proc.stdout
+    assert (env.data / "extracted" / "srv1" / "x").read_bytes() == logs("srv1")
+    assert list((env.data / "processed" / "srv1").iterdir()) == []
+    assert env.records("srv2") == []
+    assert not (env.data / "extracted" / "srv2" / "x").exists()
+
+
+def test_disabled_server_produces_no_work_and_incoming_drop_is_extracted(env):
+    put(env, "srv3", "skip.gz", logs("s"))
+    env.configure(servers=[{}, {}, {"enabled": False}])
+    drop = env.data / "incoming" / "srv1"
+    drop.mkdir(parents=True)
+    (drop / "local.log.gz").write_bytes(gzip.compress(b"dropped by hand\n"))
+    os.utime(drop / "local.log.gz", (1_700_000_000, 1_700_000_000))
+    proc = env.doit("run", check=0)
+    assert "srv3" not in proc.stdout
+    assert not (env.data / "extracted" / "srv3").exists()
+    assert (env.data / "extracted" / "srv1" / "local.log").read_bytes() == b"dropped by hand\n"
+    [rec] = env.records("srv1")
+    assert rec["origin"] == "local" and rec["status"] == "processed"
+
+
+def test_no_incoming_switch_leaves_dropped_files(env):
+    drop = env.data / "incoming" / "srv1"
+    drop.mkdir(parents=True)
+    (drop / "local.gz").write_bytes(gzip.compress(b"x\n"))
+    os.utime(drop / "local.gz", (1_700_000_000, 1_700_000_000))
+    env.doit("run", "incoming=no", check=0)
+    assert (drop / "local.gz").exists()
+    assert not (env.data / "extracted" / "srv1" / "local").exists()
+
+
+def test_list_info_and_recovery_by_forget(env):
+    raw = gzip.compress(logs("q"))
+    bad = env.remote("srv1") / "q.gz"
+    bad.write_bytes(raw[:-8])  # trailer missing: truncated
+    os.utime(bad, (1_700_000_000, 1_700_000_000))
+    listed = env.doit("list", "--all", check=0)
+    assert "extract:srv1/q.gz" in listed.stdout
+    assert env.records() == []  # listing the graph changes nothing
+    env.doit("run")  # quarantined
+    info = env.doit("info", "extract:srv1/q.gz", check=0)
+    assert "quarantine" in info.stdout
+    # The admin repairs the file on the server, then recovers the quarantined files of srv1.
+    sb.write_gz(str(bad), logs("q"))
+    env.doit("forget", "-s", "recover:quarantine/srv1", check=0)
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "q").read_bytes() == logs("q")
+    [rec] = env.records("srv1")
+    assert rec["status"] == "processed" and rec["attempts"]["extract"] == 1
+
+
+def test_missing_and_unreadable_file_parked_in_error_copy(env):
+    put(env, "srv1", "ok.gz", logs("ok"))
+    locked = put(env, "srv1", "locked.gz", logs("locked"))
+    os.chmod(locked, 0o000)
+    proc = env.doit("run")
+    assert proc.returncode == 1
+    assert (env.data / "extracted" / "srv1" / "ok").read_bytes() == logs("ok")
+    marker = env.data / "error" / "copy" / "srv1" / "locked.gz.error.json"
+    assert marker.exists()
+    [rec] = [r for r in env.records("srv1") if r["local_name"] == "locked.gz"]
+    assert rec["error_kind"] == "copy" and rec["attempts"]["fetch"] == 1  # not retried: permanent
+    # recover --server srv1 --error-type copy, after fixing permissions
+    os.chmod(locked, 0o644)
+    env.doit("forget", "-s", "recover:copy/srv1", check=0)
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "locked").read_bytes() == logs("locked")
+    assert not marker.exists()
+
+
+def test_unreachable_server_fails_run_but_others_proceed(env):
+    put(env, "srv1", "a.gz", logs("a"))
+    env.configure(servers=[{}, {}, {"port": 1}], env={"MAX_RETRY_COPY": "2"})
+    proc = env.doit("run")
+    assert proc.returncode == 1
+    assert "srv3" in proc.stdout + proc.stderr and "listing failed" in proc.stdout + proc.stderr
+    assert (env.data / "extracted" / "srv1" / "a").read_bytes() == logs("a")
+    log = (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert "unreachable" in log
+
+
+def test_wrong_password_fails_at_once_without_leaking_it(env):
+    put(env, "srv2", "a.gz", logs("a"))
+    proc = env.doit("run", env=env.environ(SSH_PASSWORD="wrong-secret-value"))
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr + (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert "authentication refused" in out
+    assert "wrong-secret-value" not in out
+
+
+def test_host_key_mismatch_is_refused(env, tmp_path):
+    put(env, "srv1", "a.gz", logs("a"))
+    other = tmp_path / "known_hosts"
+    lines = open(env.box.known_hosts).read().splitlines()
+    # srv1's entry carries srv3's key: a changed host key.
+    key3 = lines[2].split(" ", 1)[1]
+    other.write_text(f"{lines[0].split(' ')[0]} {key3}\n" + "\n".join(lines[1:]) + "\n")
+    env.configure(env={"SSH_KNOWN_HOSTS": str(other)})
+    proc = env.doit("run")
+    assert proc.returncode == 1
+    assert "host key" in proc.stdout + proc.stderr
+    assert not (env.data / "extracted" / "srv1" / "a").exists()
