@@ -1,0 +1,310 @@
+"""Pure logic in-process: argument lists, listing parser, error classification, retry schedule, codec, planning."""
+
+import errno
+import gzip
+import os
+import random
+import subprocess
+
+import pytest
+
+from relay import codecs, planning, remote, retry, state
+from relay.config import Server, Settings
+from relay.errors import (ArchiveError, AuthFailed, CorruptArchive, HostKeyMismatch, RemoteFileMissing,
+                          RemoteUnreachable)
+
+
+def settings(**over):
+    values = dict(
+        config_dir="/c", data_root="/d/data", state_dir="/d/state", log_dir="/d/logs", tmp_dir="/d/tmp",
+        max_retry_copy=3, max_retry_extract=3, retry_delay_base=1.0, retry_delay_max=8.0,
+        log_format="json", log_level="INFO", ssh_known_hosts="/k/known hosts",
+        ssh_identity_file=None, ssh_strict_host_key_checking="yes", ssh_connect_timeout=10,
+        ssh_server_alive_interval=15, ssh_server_alive_count_max=3, ssh_deadline=3600,
+        ssh_control_persist=60, servers=(), delete_source=False, process_incoming=True,
+        max_workers=2, max_per_server=2, min_file_age_seconds=60, max_extracted_bytes=10**9,
+        min_free_bytes=0)
+    values.update(over)
+    return Settings(**values)
+
+
+KEY_SERVER = Server(name="srv1", host="h1", user="u", remote_paths=("/var/log/*.gz",))
+PASS_SERVER = Server(name="srv2", host="h2", user="u", remote_paths=("/x/*.gz",), auth="password", port=2222)
+
+
+# --- rsync / ssh argument lists -------------------------------------------------------------
+
+def test_rsync_flags_are_hardened():
+    argv = remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/var/log", "/stage")
+    assert argv[0] == "rsync"
+    for flag in ("--protect-args", "--times", "--no-relative", "--from0", "--files-from=-"):
+        assert flag in argv
+    for forbidden in ("-a", "-l", "-p", "-o", "-g", "-z", "-R", "--delete", "--archive", "--links"):
+        assert forbidden not in argv
+    assert argv[-3] == "--" and argv[-2] == "h1:/var/log/" and argv[-1] == "/stage/"
+    ssh = argv[argv.index("-e") + 1]
+    assert "StrictHostKeyChecking=yes" in ssh and "'UserKnownHostsFile=/k/known hosts'" in ssh
+    assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/%C" in ssh
+    assert "BatchMode=yes" in ssh
+
+
+def test_password_goes_through_sshpass_env_only():
+    argv = remote.master_argv(settings(), PASS_SERVER, "/sock")
+    assert argv[:3] == ["sshpass", "-e", "ssh"]
+    assert "-p" not in argv[:3] and "2222" in argv
+    assert "BatchMode=yes" not in argv
+    rsync = remote.rsync_argv(settings(), PASS_SERVER, "/sock", "/x", "/s")
+    assert rsync[rsync.index("-e") + 1].startswith("sshpass -e ssh ")
+
+
+def test_password_env_is_required_and_never_in_argv(monkeypatch):
+    monkeypatch.delenv("SSH_PASSWORD", raising=False)
+    with pytest.raises(AuthFailed, match=r"\$SSH_PASSWORD is not set"):
+        remote._env_for(PASS_SERVER)
+    monkeypatch.setenv("SSH_PASSWORD", "s3cret")
+    assert remote._env_for(PASS_SERVER)["SSHPASS"] == "s3cret"
+    assert "SSHPASS" not in remote._env_for(KEY_SERVER)
+    assert all("s3cret" not in a for a in remote.master_argv(settings(), PASS_SERVER, "/sock"))
+
+
+def test_accept_new_and_identity_file():
+    opts = remote.ssh_options(settings(ssh_strict_host_key_checking="accept-new", ssh_identity_file="/id"),
+                              KEY_SERVER, "/sock")
+    assert "StrictHostKeyChecking=accept-new" in opts and opts[opts.index("-i") + 1] == "/id"
+
+
+def test_control_dir_is_short_enough_for_a_socket():
+    assert remote.control_dir("/d/state") == "/d/state/ssh"
+    long_dir = remote.control_dir("/" + "x" * 120)
+    assert len(long_dir) < 60
+
+
+def test_split_glob():
+    assert remote.split_glob("/var/log/apps/*.gz") == ("/var/log/apps", 1)
+    assert remote.split_glob("/var/log/*/app-?.gz") == ("/var/log", 2)
+    assert remote.split_glob("/srv/exact.gz") == ("/srv", 1)
+
+
+def test_listing_script_runs_and_keeps_odd_names(tmp_path):
+    names = [b"plain.gz", b"with space.gz", b"-dash.gz", b"q'uo\"te.gz", b"$(touch pwned).gz",
+             b"new\nline.gz", b"latin-\xe9.gz"]
+    for name in names:
+        (tmp_path / os.fsdecode(name)).write_bytes(b"x")
+    (tmp_path / "dir.gz").mkdir()
+    os.symlink(tmp_path / "plain.gz", tmp_path / "link.gz")
+    (tmp_path / "other.txt").write_bytes(b"x")
+    script = remote.listing_script([str(tmp_path / "*.gz")])
+    out = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
+    entries = {os.path.basename(os.fsencode(e.path)): e for e in remote.parse_listing(out)}
+    assert set(entries) == set(names) | {b"dir.gz", b"link.gz"}
+    assert entries[b"dir.gz"].kind == "d" and entries[b"link.gz"].kind == "l"
+    assert entries[b"new\nline.gz"].kind == "f" and entries[b"plain.gz"].size == 1
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_exact_path_escaping_matches_only_itself(tmp_path):
+    (tmp_path / "a[1]*.gz").write_bytes(b"x")
+    (tmp_path / "a1-.gz").write_bytes(b"x")
+    script = remote.listing_script([remote.glob_escape(str(tmp_path / "a[1]*.gz"))])
+    out = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
+    assert [os.path.basename(e.path) for e in remote.parse_listing(out)] == ["a[1]*.gz"]
+
+
+def test_missing_root_lists_nothing():
+    out = subprocess.run(["sh", "-c", remote.listing_script(["/nonexistent-dir/*.gz"])],
+                         capture_output=True, check=True).stdout
+    assert out == b""
+
+
+@pytest.mark.parametrize("code, stderr, tool, kind", [
+    (255, "user@h: Permission denied (publickey).", "ssh", AuthFailed),
+    (5, "", "sshpass", AuthFailed),
+    (12, "Permission denied, please try again.", "rsync", AuthFailed),
+    (255, "Host key verification failed.", "ssh", HostKeyMismatch),
+    (6, "", "sshpass", HostKeyMismatch),
+    (255, "ssh: connect to host h port 22: Connection refused", "ssh", RemoteUnreachable),
+    (12, "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]", "rsync",
+     RemoteUnreachable),
+    (30, "rsync error: timeout in data send/receive", "rsync", RemoteUnreachable),
+    (23, 'rsync: [sender] send_files failed to open "/x/a.gz": Permission denied (13)', "rsync",
+     RemoteFileMissing),
+    (23, 'rsync: link_stat "/x/a.gz" failed: No such file or directory (2)', "rsync", RemoteFileMissing),
+])
+def test_classify_by_code_and_stderr(code, stderr, tool, kind):
+    err = remote.classify(code, stderr, server="srv1", tool=tool)
+    assert type(err) is kind
+    assert err.transient == (kind is RemoteUnreachable)
+
+
+# --- retry ------------------------------------------------------------------------------------
+
+def test_backoff_is_full_jitter_exponential_and_capped():
+    assert retry.backoff_delay(1, 2.0, 100, rng=lambda: 1.0) == 2.0
+    assert retry.backoff_delay(4, 2.0, 100, rng=lambda: 1.0) == 16.0
+    assert retry.backoff_delay(10, 2.0, 100, rng=lambda: 1.0) == 100
+    assert retry.backoff_delay(3, 2.0, 100, rng=lambda: 0.0) == 0.0
+    rng = random.Random(1)
+    delays = [retry.backoff_delay(3, 2.0, 100, rng=rng.random) for _ in range(200)]
+    assert 0 <= min(delays) < 1 and 7 < max(delays) <= 8
+
+
+def test_retry_only_transient_faults():
+    calls, slept = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RemoteUnreachable("refused")
+        return "ok"
+
+    assert retry.call_with_retry(flaky, attempts=3, base=1, cap=10, sleep=slept.append,
+                                 is_transient=lambda e: e.transient) == "ok"
+    assert len(calls) == 3 and len(slept) == 2
+
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise AuthFailed("denied")
+
+    with pytest.raises(AuthFailed):
+        retry.call_with_retry(denied, attempts=5, base=1, cap=10, sleep=slept.append,
+                              is_transient=lambda e: e.transient)
+    assert len(calls) == 1
+
+    calls.clear()
+    with pytest.raises(RemoteUnreachable):
+        retry.call_with_retry(lambda: (calls.append(1), (_ for _ in ()).throw(RemoteUnreachable("x"))),
+                              attempts=4, base=0, cap=0, sleep=lambda s: None, is_transient=lambda e: e.transient)
+    assert len(calls) == 4
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+def extract(tmp_path, blob, **kw):
+    src = tmp_path / "in.gz"
+    src.write_bytes(blob)
+    out = tmp_path / "out.part"
+    kw.setdefault("max_bytes", 10**9)
+    kw.setdefault("min_free", 0)
+    return codecs.extract(str(src), str(out), codecs.detect_format(blob[:2]) or "gzip", **kw), out
+
+
+def test_multi_member_gzip_is_extracted_whole(tmp_path):
+    (size, digest), out = extract(tmp_path, gzip.compress(b"one\n") + gzip.compress(b"two\n"))
+    assert out.read_bytes() == b"one\ntwo\n" and size == 8
+
+
+@pytest.mark.parametrize("blob", [
+    gzip.compress(b"x" * 10000)[:-4],  # length missing
+    gzip.compress(b"x" * 10000)[:20],  # truncated deflate
+    gzip.compress(b"hello world")[:-8] + b"\x00\x00\x00\x00\x0b\x00\x00\x00",  # bad CRC
+    b"",
+])
+def test_corrupt_input_raises_and_leaves_no_file(tmp_path, blob):
+    with pytest.raises(CorruptArchive):
+        extract(tmp_path, blob)
+    assert not (tmp_path / "out.part").exists()
+
+
+def test_output_cap_stops_a_bomb(tmp_path):
+    with pytest.raises(CorruptArchive, match="max_extracted_bytes"):
+        extract(tmp_path, gzip.compress(b"\0" * 5_000_000), max_bytes=1_000_000)
+    assert not (tmp_path / "out.part").exists()
+
+
+def test_free_space_reserve_is_an_extract_error(tmp_path):
+    with pytest.raises(ArchiveError, match="min_free_bytes"):
+        extract(tmp_path, gzip.compress(b"data"), min_free=2**62)
+
+
+def test_disk_full_is_retryable_extract_error(tmp_path, monkeypatch):
+    real_open = open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        fh = real_open(path, mode, *a, **k)
+        return Full(fh) if str(path).endswith(".part") else fh
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    with pytest.raises(ArchiveError, match="disk full"):
+        extract(tmp_path, gzip.compress(b"data"))
+    assert not (tmp_path / "out.part").exists()
+
+
+def test_format_by_magic_not_suffix(tmp_path):
+    path = tmp_path / "looks.gz"
+    path.write_bytes(b"BZh91AY&SY")
+    assert codecs.hash_and_detect(str(path))[1] == ""
+    path.write_bytes(gzip.compress(b"x"))
+    assert codecs.hash_and_detect(str(path))[1] == "gzip"
+    assert codecs.output_name("app.log.gz", "gzip") == "app.log"
+    assert codecs.output_name("app.log", "gzip") == "app.log.out"
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+def entry(path, size=10, mtime="1000.5", kind="f"):
+    return remote.Entry(kind, size, mtime, path)
+
+
+def test_plan_new_done_changed_young_parked():
+    now = 10_000.0
+    done = state.Record(key=state.record_key("s", "remote", "/l/done.gz"), server="s", origin="remote",
+                        remote_path="/l/done.gz", local_name="done.gz", size=10, mtime="1000.5",
+                        status=state.PROCESSED, sha256="ab" * 32)
+    changed = state.Record(key=state.record_key("s", "remote", "/l/chg.gz"), server="s", origin="remote",
+                           remote_path="/l/chg.gz", local_name="chg.gz", size=10, mtime="1000.5",
+                           status=state.PROCESSED, sha256="cd" * 32)
+    parked = state.Record(key=state.record_key("s", "remote", "/l/bad.gz"), server="s", origin="remote",
+                          remote_path="/l/bad.gz", local_name="bad.gz", size=10, mtime="1000.5",
+                          status=state.ERROR, error_kind="quarantine")
+    records = {r.key: r for r in (done, changed, parked)}
+    entries = [entry("/l/done.gz"), entry("/l/chg.gz", size=20), entry("/l/bad.gz"), entry("/l/new.gz"),
+               entry("/l/young.gz", mtime="9990.0"), entry("/l/link.gz", kind="l")]
+    plan = planning.plan_server("s", records, entries, None, now, min_age=60)
+    assert plan.done == 1
+    due = {w.record.local_name: w for w in plan.due}
+    assert set(due) == {"chg.gz", "new.gz"}
+    assert due["chg.gz"].record.generation == 1 and due["chg.gz"].first == "fetch"
+    assert [r.local_name for r in plan.parked] == ["bad.gz"]
+    assert {s.reason for s in plan.skipped} == {"younger than min_file_age_seconds",
+                                                 "not a regular file (type l)"}
+
+
+def test_plan_incoming_drops_and_claimed_names():
+    fetched = state.Record(key=state.record_key("s", "remote", "/l/a.gz"), server="s", origin="remote",
+                           remote_path="/l/a.gz", local_name="a.gz", size=1, mtime="1.0", status=state.COPIED)
+    plan = planning.plan_server("s", {fetched.key: fetched}, [], [("a.gz", 1, "1.0"), ("drop.gz", 5, "1.0")],
+                                now=10_000, min_age=60)
+    due = {w.record.local_name: w for w in plan.due}
+    assert due["a.gz"].first == "verify" and due["a.gz"].record.origin == "remote"
+    assert due["drop.gz"].first == "verify" and due["drop.gz"].record.origin == "local"
+
+
+def test_plan_same_basename_in_two_directories_gets_distinct_names():
+    plan = planning.plan_server("s", {}, [entry("/a/x.gz"), entry("/b/x.gz")], None, now=10_000, min_age=0)
+    names = sorted(w.record.local_name for w in plan.due)
+    assert names[0] == "x.gz" and names[1].startswith("x.gz~") and len(set(names)) == 2
+
+
+def test_versioned_names_and_labels():
+    assert planning.versioned("app.log.gz", 0, "ab" * 32) == "app.log.gz"
+    assert planning.versioned("app.log.gz", 2, "abcdef0123456789") == "app.log.abcdef012345.gz"
+    assert planning.label(os.fsdecode(b"caf\xe9.gz")) == "caf\\xe9.gz"
+    assert planning.label("new\nline") == "new\\x0aline"
