@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib 
     _CORRUPT = (EOFError, _gzip.BadGzipFile, zlib.error)
 
 from .errors import ArchiveError, CorruptArchive
+from .faults import crashpoint
 
 CHUNK = 1 << 20
 MAGIC = {b"\x1f\x8b": "gzip"}
@@ -85,6 +86,7 @@ def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
                                            f"(min_free_bytes {min_free}); free some space and rerun")
                 digest.update(chunk)
                 out.write(chunk)
+                crashpoint("extract")
             out.flush()
             os.fsync(out.fileno())
     except (CorruptArchive, ArchiveError):

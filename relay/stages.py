@@ -10,6 +10,7 @@ import msgspec
 from doit.exceptions import TaskFailed
 
 from . import codecs, durable, logs, planning, state
+from .faults import crashpoint
 from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing
 from .layout import Layout
 from .remote import Connection
@@ -218,6 +219,7 @@ def _publish_fetched(rt, rec, staged, started):
     target = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
     durable.fsync_file(staged)
     durable.move_durably(staged, target)
+    crashpoint("fetch")
     rt.fetched[(rec.server, rec.key)] = "copied"
     superseded = rec.source_path  # a quarantined copy, replaced by this fresh one
     rt.save(rec, status=state.COPIED, source_path="")
@@ -357,6 +359,7 @@ def _extract(rt, rec):
         park(rt, rec, "extract", exc)
         return
     durable.move_durably(tmp, target)
+    crashpoint("place")
     rt.save(rec, status=state.EXTRACTED, extracted_path=target, extracted_size=size, extracted_sha256=sha)
     rt.emit(20, "extracted", rec, operation="extract", bytes=size,
             duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -388,6 +391,7 @@ def _place(rt, rec):
     path = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
     if os.path.exists(path):
         _place_source(rt, rec, path)
+    crashpoint("place-source")
     rt.save(rec, status=state.PROCESSED)
     rt.emit(20, "processed", rec, operation="place")
 

@@ -1,0 +1,145 @@
+"""Guarantees: kill -9 at every stage converges, one run at a time, growing files never extracted half."""
+
+import fcntl
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from relay import sandbox as sb
+from relay import stages, state, tasks
+
+from conftest import DODO, needs_root
+
+pytestmark = needs_root
+
+
+def seed_files(env, count=3):
+    expected = {}
+    for server in ("srv1", "srv2"):
+        for n in range(count):
+            data = sb.log_lines(random.Random(f"{server}-{n}"), 500)
+            sb.write_gz(str(env.remote(server) / f"f{n}.log.gz"), data)
+            expected[(server, f"f{n}.log")] = data
+    return expected
+
+
+def assert_converged(env, expected):
+    for (server, name), data in expected.items():
+        assert (env.data / "extracted" / server / name).read_bytes() == data
+    extracted = sorted(p.relative_to(env.data / "extracted") for p in (env.data / "extracted").rglob("*")
+                       if p.is_file())
+    assert len(extracted) == len(expected), extracted  # exactly once each
+    assert not [p for p in env.data.rglob("*") if p.name.startswith(".") or p.name.endswith(".part")]
+    assert not [p for p in (env.data / "incoming").rglob("*") if p.is_file()]
+    assert not list((env.work / "tmp" / "extract").rglob("*.part"))
+    assert {r["status"] for r in env.records()} == {"processed"}
+    assert len(env.records()) == len(expected)
+
+
+@pytest.mark.parametrize("point", ["fetch", "extract", "place", "place-source"])
+def test_kill_9_at_each_stage_then_next_run_converges(env, point):
+    expected = seed_files(env)
+    proc = env.doit("run", env=env.environ(RELAY_CRASH_AT=point))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    env.doit("run", check=0)
+    assert_converged(env, expected)
+    env.doit("run", check=0)  # and stays converged
+    assert_converged(env, expected)
+
+
+def test_kill_9_of_the_process_group_during_rsync_transfer(env):
+    big = os.urandom(64 * 2**20)  # incompressible: a long transfer
+    path = env.remote("srv1") / "big.log.gz"
+    path.write_bytes(gzip.compress(big, compresslevel=1))
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    staging = env.work / "tmp" / "fetch" / "srv1"
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], cwd=str(env.root),
+                            env=env.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    # Wait for rsync's hidden temp file: the transfer is under way.
+    while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "transfer never started"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "big.log").read_bytes() == big
+    assert not [p for p in staging.rglob(".*") if p.is_file()]
+
+
+def test_second_concurrent_run_exits_at_once_and_changes_nothing(env):
+    seed_files(env, count=1)
+    env.doit("run", "fetch:srv1", check=0)  # creates state dir; leaves work for later stages
+    before = env.tree(), [r["status"] for r in env.records()]
+    fd = os.open(env.state / "lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run in progress holds it
+    try:
+        started = time.monotonic()
+        proc = env.doit("run")
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 3
+        assert "another logpipe-relay run holds" in proc.stderr and "Traceback" not in proc.stderr
+        assert (env.tree(), [r["status"] for r in env.records()]) == before
+    finally:
+        os.close(fd)
+    env.doit("run", check=0)
+
+
+def test_file_appended_during_runs_is_never_extracted_half(env):
+    env.configure(pipeline={"min_file_age_seconds": 30})
+    growing = env.remote("srv1") / "growing.log.gz"
+    members = []
+    stop = threading.Event()
+
+    def writer():
+        rng = random.Random(7)
+        while not stop.is_set():
+            chunk = sb.log_lines(rng, 50)
+            members.append(chunk)
+            with open(growing, "ab") as fh:
+                fh.write(gzip.compress(chunk))
+
+    growing.write_bytes(b"")
+    os.chmod(growing, 0o644)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(2):
+            env.doit("run", check=0)
+            assert not (env.data / "extracted" / "srv1" / "growing.log").exists()
+    finally:
+        stop.set()
+        thread.join()
+    os.utime(growing, (1_700_000_000, 1_700_000_000))  # the writer is done and the file has aged
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "growing.log").read_bytes() == b"".join(members)
+
+
+def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
+    """In-process: the fetched copy's size differs from the listing, so verify defers it."""
+    data = sb.log_lines(random.Random(3), 200)
+    sb.write_gz(str(env.remote("srv1") / "moving.gz"), data)
+    rt = tasks.load(str(env.conf), environ=env.environ())
+    try:
+        [work] = rt.plans["srv1"].due
+        with open(env.remote("srv1") / "moving.gz", "ab") as fh:  # appended after the listing
+            fh.write(gzip.compress(b"more\n"))
+        stages.fetch_file("srv1", work.key)
+        stages.verify_file("srv1", work.key)
+        rec = rt.record("srv1", work.key)
+        assert rec.status == state.PENDING
+        assert not (env.data / "incoming" / "srv1" / "moving.gz").exists()
+        stages.extract_file("srv1", work.key)
+        assert not (env.data / "extracted" / "srv1" / "moving").exists()
+    finally:
+        for conn in rt.connections.values():
+            conn.close()
+        tasks.release_lock()
