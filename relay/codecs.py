@@ -62,8 +62,9 @@ def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
         raise CorruptArchive(f"{src}: unsupported or unknown format (magic bytes match no supported "
                              f"format: {', '.join(SUPPORTED)})")
     if os.path.getsize(src) == 0:
-        raise CorruptArchive(f"{src}: empty file")
+        raise CorruptArchive(f"{os.path.basename(src)}: empty file")
     directory = os.path.dirname(dst_tmp)
+    name = os.path.basename(src)
     digest = hashlib.sha256()
     written = 0
     budget = _free_bytes(directory) - min_free
@@ -77,7 +78,7 @@ def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
                     break
                 written += len(chunk)
                 if written > max_bytes:
-                    raise CorruptArchive(f"{src}: output exceeds max_extracted_bytes ({max_bytes}); "
+                    raise CorruptArchive(f"{name}: output exceeds max_extracted_bytes ({max_bytes}); "
                                          "treated as a decompression bomb")
                 if written > budget:
                     budget = _free_bytes(directory) - min_free + written
@@ -94,7 +95,7 @@ def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
         raise
     except _CORRUPT as exc:
         _discard(dst_tmp)
-        raise CorruptArchive(f"{src}: corrupt gzip data: {exc or type(exc).__name__}") from None
+        raise CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}") from None
     except OSError as exc:
         _discard(dst_tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

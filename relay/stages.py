@@ -398,17 +398,27 @@ def _place(rt, rec):
 
 # --- per-server summary ------------------------------------------------------------------
 
+RECOVER_HINT = {
+    "copy": "check the path and permissions on the server",
+    "extract": "free disk space or fix the local problem",
+    "quarantine": "replace the file on the server if it is really corrupt",
+}
+
+
 def server_summary(server):
     """doit action of the per-server group: fail when this run parked a file or could not list the server."""
     rt = _rt()
-    problems = []
+    problems, kinds = [], set()
     if server in rt.listing_errors:
         problems.append(f"listing failed: {rt.listing_errors[server]}")
     for rec in rt.store.records.get(server, {}).values():
         if rec.parked and rec.run_id == rt.run_id:
+            kinds.add(rec.error_kind)
             problems.append(f"{planning.label(rec.remote_path or rec.local_name)} parked in "
-                            f"error/{rec.error_kind}: {rec.last_error}")
+                            f"error/{rec.error_kind}/{server}: {rec.last_error}")
     rt.store.write_index(server)
-    if problems:
-        return TaskFailed(logs.printable(f"{server}: " + "\n  ".join([f"{len(problems)} problem(s):", *problems])))
-    return True
+    if not problems:
+        return True
+    hints = [f"then recover with: doit forget -s recover:{kind}/{server} && doit run  ({RECOVER_HINT[kind]})"
+             for kind in sorted(kinds)]
+    return TaskFailed(logs.printable("\n  ".join([f"{server}: {len(problems)} problem(s):", *problems, *hints])))
