@@ -154,6 +154,11 @@ def doit_config(config_dir=None):
 
 # --- task generators (pure: they only read the plans) ------------------------------------------
 
+# doit captures a Python action's output by swapping sys.stdout/sys.stderr process-wide, which races
+# between worker threads (a run could end with a dead sys.stdout and exit 120). Our actions print
+# nothing (they log), so capture is off for every task.
+NO_CAPTURE = {"capture": False}
+
 def _labels(plan):
     """A unique task label per key of one server's plan."""
     labels, used = {}, set()
@@ -177,7 +182,7 @@ def fetch_tasks(plans):
                 name = f"{server}/{labels[work.key]}"
                 names.append(f"fetch:{name}")
                 yield {"name": name, "actions": [(stages.fetch_file, [server, work.key])],
-                       "uptodate": [False], "doc": f"fetch {server}:{labels[work.key]}"}
+                       "uptodate": [False], "io": NO_CAPTURE, "doc": f"fetch {server}:{labels[work.key]}"}
         yield {"name": server, "actions": None, "task_dep": names, "doc": f"fetch everything due on {server}"}
 
 
@@ -192,7 +197,8 @@ def verify_tasks(plans):
                 names.append(f"verify:{name}")
                 deps = [f"fetch:{name}"] if work.first == "fetch" else []
                 yield {"name": name, "actions": [(stages.verify_file, [server, work.key])],
-                       "task_dep": deps, "uptodate": [False], "doc": f"verify {server}:{labels[work.key]}"}
+                       "task_dep": deps, "uptodate": [False], "io": NO_CAPTURE,
+                       "doc": f"verify {server}:{labels[work.key]}"}
         yield {"name": server, "actions": None, "task_dep": names, "doc": f"verify everything due on {server}"}
 
 
@@ -206,15 +212,16 @@ def extract_tasks(plans):
             names.append(f"extract:{name}")
             deps = [f"verify:{name}"] if work.first in ("fetch", "verify") else []
             yield {"name": name, "actions": [(stages.extract_file, [server, work.key])],
-                   "task_dep": deps, "uptodate": [False], "doc": f"extract {server}:{labels[work.key]}"}
+                   "task_dep": deps, "uptodate": [False], "io": NO_CAPTURE,
+                   "doc": f"extract {server}:{labels[work.key]}"}
         for rec in plan.parked:
             name = f"{server}/{labels[rec.key]}"
             names.append(f"extract:{name}")
             # Up to date while doit remembers parking it: `doit forget` sends it through again.
             yield {"name": name, "actions": [(stages.extract_file, [server, rec.key])],
-                   "uptodate": [stages.recorded_parked], "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
+                   "uptodate": [stages.recorded_parked], "io": NO_CAPTURE, "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
         yield {"name": server, "actions": [(stages.server_summary, [server])], "task_dep": names,
-               "uptodate": [False], "verbosity": 2, "doc": f"everything for {server}: fetch, verify, extract, file"}
+               "uptodate": [False], "io": NO_CAPTURE, "doc": f"everything for {server}: fetch, verify, extract, file"}
 
 
 def recover_tasks(plans):
