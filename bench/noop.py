@@ -8,7 +8,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,18 +21,25 @@ sys.path.insert(0, str(REPO))
 from relay import sandbox  # noqa: E402
 
 
+# A fresh parent per measurement: RUSAGE_CHILDREN's peak then belongs to that one `doit run`.
+_MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:]).returncode
+wall = time.perf_counter() - started
+print(f"{code} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+"""
+
+
 def run_doit(env, cwd, *args):
-    """Run `doit run` and return (wall seconds, peak RSS MiB of that child, CompletedProcess)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "run", *args],
-                          env=env, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if proc.returncode != 0:
-        raise SystemExit(f"doit run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    # ru_maxrss of children is the max over all children so far: the rerun must be the biggest to count.
-    return wall, max(peak, before) / 1024, proc
+    """Run `doit run` and return (wall seconds, peak RSS MiB of that process, its stdout)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "doit", "-f",
+                           str(REPO / "dodo.py"), "run", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True)
+    code, wall, peak_kib = proc.stderr.strip().splitlines()[-1].split()
+    if int(code) != 0:
+        raise SystemExit(f"doit run failed ({code}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return float(wall), int(peak_kib) / 1024, proc
 
 
 def listing_ms(log_path, since):

@@ -1,6 +1,5 @@
 """Everything that crosses SSH: argument lists (pure), listing, batch fetch, connection reuse. The only user of `sh`."""
 
-import atexit
 import hashlib
 import os
 import re
@@ -48,7 +47,7 @@ def ssh_options(settings, server, sockets):
         "-o", f"ConnectTimeout={settings.ssh_connect_timeout}",
         "-o", f"ServerAliveInterval={settings.ssh_server_alive_interval}",
         "-o", f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
-        "-o", f"ControlPath={sockets}/%C",
+        "-o", f"ControlPath={sockets}/{server.name}",
         "-o", "LogLevel=ERROR",
         "-p", str(server.port),
         "-l", server.user,
@@ -175,10 +174,10 @@ def classify(code, stderr, *, server="", tool="ssh"):
 
 # --- I/O ------------------------------------------------------------------------------------
 
-def _env_for(server):
+def _env_for(server, secret=True):
     env = dict(os.environ)
     env.pop("SSHPASS", None)
-    if server.auth == "password":
+    if server.auth == "password" and secret:
         secret = os.environ.get(server.password_env)
         if not secret:
             raise AuthFailed(f"server {server.name} uses password auth but ${server.password_env} is "
@@ -187,12 +186,12 @@ def _env_for(server):
     return env
 
 
-def _run(server, argv, *, deadline, stdin=None):
+def _run(server, argv, *, deadline, stdin=None, secret=True):
     """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline."""
     # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     try:
-        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server), _new_group=True, _in=stdin,
+        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret), _new_group=True, _in=stdin,
                                       _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30)
     except sh.CommandNotFound:
         raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
@@ -227,11 +226,14 @@ class Connection:
             os.makedirs(self.sockets, mode=0o700, exist_ok=True)
             os.chmod(self.sockets, 0o700)
             code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
-                              deadline=self.settings.ssh_connect_timeout + 5)
+                              deadline=self.settings.ssh_connect_timeout + 5, secret=False)
             if code != 0:
+                try:
+                    os.unlink(os.path.join(self.sockets, self.server.name))  # a dead master's socket
+                except FileNotFoundError:
+                    pass
                 self._start_master()
             self._open = True
-            _OPEN.add(self)
 
     def _start_master(self):
         # The master lives on in the background; its stdio must not be pipes we wait on.
@@ -253,13 +255,11 @@ class Connection:
                            tool="sshpass" if self.server.auth == "password" else "ssh")
 
     def close(self):
-        """Stop the ControlMaster."""
+        """Stop the ControlMaster now rather than after SSH_CONTROL_PERSIST idle seconds."""
         with self._lock:
-            if self._open:
-                _run(self.server, exit_master_argv(self.settings, self.server, self.sockets),
-                     deadline=10)
-                self._open = False
-                _OPEN.discard(self)
+            _run(self.server, exit_master_argv(self.settings, self.server, self.sockets), deadline=10,
+                 secret=False)
+            self._open = False
 
     def list_files(self):
         """One round trip: every path matching the server's remote_path globs."""
@@ -295,13 +295,3 @@ class Connection:
             raise classify(code, err, server=self.server.name, tool="rsync")
 
 
-_OPEN = set()
-
-
-@atexit.register
-def _close_all():
-    for conn in list(_OPEN):
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - best effort at exit; ControlPersist ends it anyway
-            pass

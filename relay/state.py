@@ -86,7 +86,9 @@ class _IndexEntry(msgspec.Struct, array_like=True):
     record: Record
 
 
-_index_decoder = msgspec.json.Decoder(dict[str, _IndexEntry])
+# The index is a cache for speed only, so it uses the faster MessagePack encoding.
+_index_encoder = msgspec.msgpack.Encoder()
+_index_decoder = msgspec.msgpack.Decoder(dict[str, _IndexEntry])
 
 
 class Store:
@@ -95,12 +97,13 @@ class Store:
     def __init__(self, state_dir):
         self.state_dir = state_dir
         self.records = {}  # server -> key -> latest Record known to this process
+        self._index_stale = set()  # servers whose index misses a record change
 
     def _dir(self, server):
         return os.path.join(self.state_dir, "records", server)
 
     def _index_path(self, server):
-        return os.path.join(self.state_dir, "index", f"{server}.json")
+        return os.path.join(self.state_dir, "index", f"{server}.msgpack")
 
     def path(self, record):
         """Where `record` lives on disk."""
@@ -116,6 +119,7 @@ class Store:
         os.makedirs(self._dir(record.server), exist_ok=True)
         durable.write_atomic(self.path(record), _encoder.encode(_to_disk(record)))
         self.records.setdefault(record.server, {})[record.key] = record
+        self._index_stale.add(record.server)
 
     def get(self, server, key) -> Optional[Record]:
         """Read one record fresh from disk, or None."""
@@ -134,7 +138,10 @@ class Store:
         except FileNotFoundError:
             return records
         for entry in entries:
-            if not entry.name.endswith(".json") or entry.name.startswith("."):
+            if entry.name.startswith(".tmp-"):
+                os.unlink(entry.path)  # an atomic write a crash interrupted
+                continue
+            if not entry.name.endswith(".json"):
                 continue
             key = entry.name[:-5]
             st = entry.stat()
@@ -145,6 +152,9 @@ class Store:
                 record = self.get(server, key)
                 if record is not None:
                     records[key] = record
+                    self._index_stale.add(server)
+        if len(index) != len(records):
+            self._index_stale.add(server)
         return records
 
     def _read_index(self, server):
@@ -155,7 +165,10 @@ class Store:
             return {}
 
     def write_index(self, server):
-        """Rewrite the load-speed index of `server` from the records this process knows."""
+        """Rewrite the load-speed index of `server` from the records this process knows, if it changed."""
+        if server not in self._index_stale:
+            return
+        self._index_stale.discard(server)
         entries = {}
         for key, record in self.records.get(server, {}).items():
             try:
@@ -167,5 +180,5 @@ class Store:
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
         tmp = self._index_path(server) + ".tmp"
         with open(tmp, "wb") as fh:
-            fh.write(_encoder.encode(entries))
+            fh.write(_index_encoder.encode(entries))
         os.replace(tmp, self._index_path(server))

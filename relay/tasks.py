@@ -50,8 +50,9 @@ def release_lock():
 def sweep(rt):
     """Remove temp files a killed run left behind: partial extractions, rsync temps, record temps."""
     removed = 0
+    # Record temps are swept by Store.load_server, which lists those directories anyway.
     roots = [os.path.join(rt.settings.tmp_dir, "extract"), os.path.join(rt.settings.tmp_dir, "fetch"),
-             os.path.join(rt.settings.state_dir, "records"), os.path.join(rt.settings.data_root, "error")]
+             os.path.join(rt.settings.data_root, "error")]
     for root in roots:
         for dirpath, _, files in os.walk(root):
             for name in files:
@@ -107,14 +108,15 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None):
     sweep(rt)
     if process_incoming is None:
         process_incoming = settings.process_incoming
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(servers)))) as pool:
-        listings = dict(zip([s.name for s in servers], pool.map(lambda s: _list_server(rt, s), servers)))
+    # The SSH listings (network-bound) run while this thread reads the state store.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(servers))))
+    futures = {s.name: pool.submit(_list_server, rt, s) for s in servers}
+    records = {s.name: rt.store.load_server(s.name) for s in servers}
+    incoming = {s.name: scan_incoming(rt, s.name) if process_incoming else None for s in servers}
     now = time.time() if now is None else now
     for srv in servers:
-        records = rt.store.load_server(srv.name)
-        incoming = scan_incoming(rt, srv.name) if process_incoming else None
-        plan = planning.plan_server(srv.name, records, listings[srv.name], incoming, now,
-                                    settings.min_file_age_seconds)
+        plan = planning.plan_server(srv.name, records[srv.name], futures[srv.name].result(),
+                                    incoming[srv.name], now, settings.min_file_age_seconds)
         for skip in plan.skipped:
             rt.log.info(f"skipped {planning.label(skip.path)}: {skip.reason}",
                         extra={"server": srv.name, "operation": "list"})
@@ -122,6 +124,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None):
             rt.planned[(srv.name, work.key)] = work.record
         rt.listed.update({(srv.name, key): listed for key, listed in plan.listed.items()})
         rt.plans[srv.name] = plan
+    pool.shutdown()
     stages.RUNTIME = rt
     return rt
 

@@ -44,7 +44,7 @@ def test_rsync_flags_are_hardened():
     assert argv[-3] == "--" and argv[-2] == "h1:/var/log/" and argv[-1] == "/stage/"
     ssh = argv[argv.index("-e") + 1]
     assert "StrictHostKeyChecking=yes" in ssh and "'UserKnownHostsFile=/k/known hosts'" in ssh
-    assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/%C" in ssh
+    assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/srv1" in ssh
     assert "BatchMode=yes" in ssh
 
 
