@@ -1,0 +1,92 @@
+"""The user's scripts (bin/run, bin/collect, bin/extract, bin/recover) and their doit equivalents from the README."""
+
+import gzip
+import random
+import shutil
+
+from relay import sandbox as sb
+
+from conftest import needs_root
+
+pytestmark = needs_root
+
+
+def data(seed):
+    return sb.log_lines(random.Random(seed), 200)
+
+
+def put(env, server, name, seed):
+    sb.write_gz(str(env.remote(server) / name), data(seed))
+
+
+def test_run_with_config_dir_variable_and_sequential(env, tmp_path):
+    """bin/run --config-dir DIR --sequential  ==  doit run -n 1 config=DIR"""
+    put(env, "srv1", "a.gz", "a")
+    moved = tmp_path / "other-conf"
+    shutil.copytree(env.conf, moved)
+    environ = env.environ()
+    environ.pop("RELAY_CONFIG_DIR")
+    env.doit("run", "-n", "1", f"config={moved}", env=environ, check=0)
+    assert (env.data / "extracted" / "srv1" / "a").read_bytes() == data("a")
+
+
+def test_collect_one_file(env):
+    """bin/collect SERVER FILE  ==  doit run fetch:SERVER/FILE"""
+    put(env, "srv1", "one.gz", "1")
+    put(env, "srv1", "two.gz", "2")
+    proc = env.doit("run", "fetch:srv1/one.gz", check=0)
+    assert "fetch:srv1/one.gz" in proc.stdout
+    assert (env.data / "incoming" / "srv1" / "one.gz").exists()
+    assert not (env.data / "extracted" / "srv1" / "one").exists()
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "one").read_bytes() == data("1")
+    assert (env.data / "extracted" / "srv1" / "two").read_bytes() == data("2")
+
+
+def test_extract_one_local_file(env, tmp_path):
+    """bin/extract FILE SERVER  ==  cp FILE DATA_ROOT/incoming/SERVER/ && doit run extract:SERVER/NAME"""
+    local = tmp_path / "manual.log.gz"
+    local.write_bytes(gzip.compress(b"by hand\n"))
+    put(env, "srv1", "remote.gz", "r")
+    (env.data / "incoming" / "srv1").mkdir(parents=True)
+    shutil.copy(local, env.data / "incoming" / "srv1" / "manual.log.gz")
+    env.configure(pipeline={"min_file_age_seconds": 0})
+    proc = env.doit("run", "extract:srv1/manual.log.gz", check=0)
+    assert "remote.gz" not in proc.stdout
+    assert (env.data / "extracted" / "srv1" / "manual.log").read_bytes() == b"by hand\n"
+    assert not (env.data / "extracted" / "srv1" / "remote").exists()
+
+
+def test_recover_extract_errors_and_all(env):
+    """bin/recover --error-type extract  ==  doit forget -s recover:extract && doit run; bin/recover == recover:all"""
+    put(env, "srv1", "a.gz", "a")
+    put(env, "srv3", "c.gz", "c")
+    env.configure(pipeline={"min_free_bytes": 2**62}, env={"MAX_RETRY_EXTRACT": "2"})
+    proc = env.doit("run")
+    assert proc.returncode == 1
+    assert "recover:extract/srv1" in proc.stdout
+    [rec] = env.records("srv1")
+    assert rec["error_kind"] == "extract" and rec["attempts"]["extract"] == 2  # retried, then parked
+    assert (env.data / "error" / "extract" / "srv1" / "a.gz").exists()
+    env.doit("run", check=0)  # parked earlier: not retried, no failure
+    assert env.records("srv1")[0]["attempts"]["extract"] == 2
+    env.configure()  # the operator frees space
+    env.doit("forget", "-s", "recover:extract", check=0)
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "a").read_bytes() == data("a")
+    assert (env.data / "extracted" / "srv3" / "c").read_bytes() == data("c")
+    assert not list((env.data / "error").rglob("*.gz"))
+
+
+def test_recover_one_server_only(env):
+    """bin/recover --server srv1  ==  doit forget -s recover:srv1 && doit run"""
+    for server in ("srv1", "srv3"):
+        put(env, server, "x.gz", server)
+    env.configure(pipeline={"min_free_bytes": 2**62}, env={"MAX_RETRY_EXTRACT": "1"})
+    env.doit("run")
+    env.configure()
+    env.doit("forget", "-s", "recover:srv1", check=0)
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "x").read_bytes() == data("srv1")
+    assert not (env.data / "extracted" / "srv3" / "x").exists()
+    assert (env.data / "error" / "extract" / "srv3" / "x.gz").exists()
