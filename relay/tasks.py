@@ -175,34 +175,29 @@ def _labels(plan):
     return labels
 
 
-def fetch_tasks(plans):
-    """`fetch:<server>/<file>` for files still to fetch, and the `fetch:<server>` groups."""
+def _stage_tasks(plans, stage, starts, action, upstream):
+    """Per-file `<stage>:<server>/<file>` tasks for due work starting at one of `starts`, plus the groups."""
     for server, plan in plans.items():
         labels = _labels(plan)
         names = []
         for work in plan.due:
-            if work.first == "fetch":
+            if work.first in starts:
                 name = f"{server}/{labels[work.key]}"
-                names.append(f"fetch:{name}")
-                yield {"name": name, "actions": [(stages.fetch_file, [server, work.key])],
-                       "uptodate": [False], "io": NO_CAPTURE, "doc": f"fetch {server}:{labels[work.key]}"}
-        yield {"name": server, "actions": None, "task_dep": names, "doc": f"fetch everything due on {server}"}
+                names.append(f"{stage}:{name}")
+                deps = [f"{upstream}:{name}"] if upstream and work.first != stage else []
+                yield {"name": name, "actions": [(action, [server, work.key])], "task_dep": deps,
+                       "uptodate": [False], "io": NO_CAPTURE, "doc": f"{stage} {server}:{labels[work.key]}"}
+        yield {"name": server, "actions": None, "task_dep": names, "doc": f"{stage} everything due on {server}"}
+
+
+def fetch_tasks(plans):
+    """`fetch:<server>/<file>` for files still to fetch, and the `fetch:<server>` groups."""
+    return _stage_tasks(plans, "fetch", ("fetch",), stages.fetch_file, None)
 
 
 def verify_tasks(plans):
     """`verify:<server>/<file>` for files still to verify, and the `verify:<server>` groups."""
-    for server, plan in plans.items():
-        labels = _labels(plan)
-        names = []
-        for work in plan.due:
-            if work.first in ("fetch", "verify"):
-                name = f"{server}/{labels[work.key]}"
-                names.append(f"verify:{name}")
-                deps = [f"fetch:{name}"] if work.first == "fetch" else []
-                yield {"name": name, "actions": [(stages.verify_file, [server, work.key])],
-                       "task_dep": deps, "uptodate": [False], "io": NO_CAPTURE,
-                       "doc": f"verify {server}:{labels[work.key]}"}
-        yield {"name": server, "actions": None, "task_dep": names, "doc": f"verify everything due on {server}"}
+    return _stage_tasks(plans, "verify", ("fetch", "verify"), stages.verify_file, "fetch")
 
 
 def extract_tasks(plans):
