@@ -143,3 +143,42 @@ def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
         for conn in rt.connections.values():
             conn.close()
         tasks.release_lock()
+
+
+def test_dead_peer_during_transfer_is_caught_and_parked(env):
+    """kill -STOP of the server side mid-transfer: keepalives and the outer deadline end the run."""
+    big = os.urandom(48 * 2**20)
+    path = env.remote("srv1") / "big.log.gz"
+    path.write_bytes(gzip.compress(big, compresslevel=1))
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    env.configure(env={"SSH_DEADLINE": "6", "MAX_RETRY_COPY": "1", "SSH_SERVER_ALIVE_INTERVAL": "1",
+                       "SSH_SERVER_ALIVE_COUNT_MAX": "2"})
+    staging = env.work / "tmp" / "fetch" / "srv1"
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], cwd=str(env.root),
+                            env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = env.box.servers[0]
+    deadline = time.monotonic() + 60
+    while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "transfer never started"
+        time.sleep(0.005)
+    frozen = sb._descendants(server.proc.pid)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 1, out
+    [rec] = env.records("srv1")
+    assert rec["status"] == "error" and rec["error_kind"] == "copy"
+    assert "unreachable" in rec["last_error"] or "deadline" in rec["last_error"]
+    assert not (env.data / "extracted" / "srv1" / "big.log").exists()
+    assert not [p for p in (env.data / "incoming").rglob("*") if p.is_file()]
