@@ -24,8 +24,10 @@ def ensure_user():
         pwd.getpwnam(SANDBOX_USER)
         exists = True
     except KeyError:
-        subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", SANDBOX_USER], check=True)
+        subprocess.run(["useradd", "-M", "-d", "/", "-s", "/bin/sh", SANDBOX_USER], check=True)
         exists = False
+    if exists and pwd.getpwnam(SANDBOX_USER).pw_dir != "/":
+        subprocess.run(["usermod", "-d", "/", SANDBOX_USER], check=True)  # ssh then finds a home
     if exists and os.path.exists(_PASSWORD_FILE):
         with open(_PASSWORD_FILE) as fh:
             return fh.read().strip()
@@ -219,22 +221,41 @@ class Sandbox:
 
 # --- generated logs ------------------------------------------------------------------------
 
-_PATHS = ["/", "/index.html", "/api/v1/users", "/api/v1/orders", "/static/app.js", "/login", "/health",
-          "/api/v1/search", "/img/logo.png", "/checkout"]
-_AGENTS = ["Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0", "curl/8.5.0", "Googlebot/2.1",
-           "Mozilla/5.0 (Macintosh) Safari/605.1.15", "python-requests/2.32"]
+_PATHS = ["/", "/index.html", "/api/v1/users", "/api/v1/orders", "/static/app.js", "/static/app.css",
+          "/login", "/health", "/api/v1/search", "/img/logo.png", "/checkout", "/api/v1/cart",
+          "/products/list", "/favicon.ico"]
+_AGENTS = ["Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+           "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/126.0.0.0 Safari/537.36",
+           "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+           "Version/17.5 Safari/605.1.15",
+           "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "curl/8.5.0",
+           "python-requests/2.32.3"]
+_REFERERS = ["-", "https://www.example.com/", "https://www.example.com/products/list",
+             "https://www.google.com/"]
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def log_lines(rng, count, start=1_700_000_000):
-    """`count` access-log lines with varied IPs, paths, statuses, agents and times."""
+    """`count` combined-format access-log lines: a pool of client IPs, varied paths, statuses, agents
+    and referers, increasing timestamps; compresses about 10x like real access logs."""
+    import time as _time
+    clients = [f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+               for _ in range(300)]
     out = []
     stamp = start
     for _ in range(count):
-        stamp += rng.randint(0, 3)
-        ip = f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-        status = rng.choices([200, 301, 304, 404, 500], [80, 5, 8, 5, 2])[0]
-        out.append(f'{ip} - - [{stamp}] "GET {rng.choice(_PATHS)}?id={rng.randint(1, 99999)} HTTP/1.1" '
-                   f'{status} {rng.randint(200, 50000)} "-" "{rng.choice(_AGENTS)}"\n')
+        stamp += rng.choice((0, 0, 1, 1, 2))
+        t = _time.gmtime(stamp)
+        when = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+        ip = clients[min(int(rng.expovariate(1 / 40)), len(clients) - 1)]
+        status = rng.choices((200, 301, 304, 404, 500), (80, 5, 8, 5, 2))[0]
+        path = rng.choice(_PATHS)
+        if path.startswith("/api") and rng.random() < 0.5:
+            path += f"?page={rng.randint(1, 20)}"
+        size = rng.choice((512, 1024, 2048, 4096, 8192, 15320, 43100)) if status == 200 else 0
+        out.append(f'{ip} - - [{when}] "GET {path} HTTP/1.1" {status} {size} '
+                   f'"{rng.choice(_REFERERS)}" "{rng.choice(_AGENTS)}"\n')
     return "".join(out).encode()
 
 
