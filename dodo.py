@@ -6,17 +6,12 @@ DOIT_CONFIG = tasks.doit_config()
 
 
 def task_fetch():
-    """Fetch new remote files with rsync over ssh (batched per server)."""
+    """Fetch new remote files with rsync over ssh, one batch per server."""
     yield from tasks.fetch_tasks(tasks.plans())
 
 
-def task_verify():
-    """Hash, detect the format and check size/mtime against the listing."""
-    yield from tasks.verify_tasks(tasks.plans())
-
-
 def task_extract():
-    """Extract, file under extracted/ and move the source to processed/ (per server group)."""
+    """Verify, extract and file each due file; `extract:SERVER` is everything for one server."""
     yield from tasks.extract_tasks(tasks.plans())
 
 

@@ -6,13 +6,11 @@ import os
 import zlib
 
 try:
-    from isal import igzip as _gzip
-    from isal.igzip_lib import IsalError
-    from isal.isal_zlib import error as IsalZlibError
-    _CORRUPT = (EOFError, _gzip.BadGzipFile, zlib.error, IsalError, IsalZlibError)
-except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib is the fallback
-    import gzip as _gzip
-    _CORRUPT = (EOFError, _gzip.BadGzipFile, zlib.error)
+    from isal import isal_zlib as _zlib
+    _CORRUPT = (zlib.error, _zlib.error)
+except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib zlib is the fallback
+    _zlib = zlib
+    _CORRUPT = (zlib.error,)
 
 from .errors import ArchiveError, CorruptArchive
 from .faults import crashpoint
@@ -56,40 +54,79 @@ def _free_bytes(directory):
     return st.f_bavail * st.f_frsize
 
 
-def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
-    """Inflate `src` into `dst_tmp` (fsynced); return (size, sha256). Leaves no file on failure."""
-    if fmt not in SUPPORTED:
-        raise CorruptArchive(f"{src}: unsupported or unknown format (magic bytes match no supported "
-                             f"format: {', '.join(SUPPORTED)})")
-    if os.path.getsize(src) == 0:
-        raise CorruptArchive(f"{os.path.basename(src)}: empty file")
+class Inflated(tuple):
+    """(sha256 of the compressed bytes, format, extracted size, sha256 of the extracted bytes)."""
+
+    __slots__ = ()
+    sha256 = property(lambda self: self[0])
+    format = property(lambda self: self[1])
+    size = property(lambda self: self[2])
+    out_sha256 = property(lambda self: self[3])
+
+
+def _gzip_members(chunks, src):
+    """Inflate a stream of compressed chunks: every gzip member, CRC and length checked by zlib;
+    output comes in pieces of at most CHUNK bytes, so a bomb never sits in memory."""
+    name = os.path.basename(src)
+    decomp = _zlib.decompressobj(31)
+    for chunk in chunks:
+        data = chunk
+        while data:
+            if decomp.eof:
+                if not data.strip(b"\0"):
+                    break  # trailing zero padding after the last member is tolerated, as gzip does
+                decomp = _zlib.decompressobj(31)
+            out = decomp.decompress(data, CHUNK)
+            if out:
+                yield out
+            data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
+    while not decomp.eof:
+        out = decomp.decompress(b"", CHUNK)
+        if not out:
+            raise CorruptArchive(f"{name}: corrupt gzip data: truncated (the end of the last member is missing)")
+        yield out
+
+
+def inflate(src, dst_tmp, *, max_bytes, min_free):
+    """One read of `src`: hash it, detect its format, inflate it into `dst_tmp` (not yet fsynced).
+
+    Returns Inflated(sha256, format, size, out_sha256); on any failure no `dst_tmp` is left behind.
+    """
     directory = os.path.dirname(dst_tmp)
     name = os.path.basename(src)
-    digest = hashlib.sha256()
+    in_sha, out_sha = hashlib.sha256(), hashlib.sha256()
     written = 0
     budget = _free_bytes(directory) - min_free
     if budget <= 0:
         raise ArchiveError(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
     try:
-        with _gzip.open(src, "rb") as reader, open(dst_tmp, "wb") as out:
-            while True:
-                chunk = reader.read(CHUNK)
-                if not chunk:
-                    break
-                written += len(chunk)
+        with open(src, "rb") as fh, open(dst_tmp, "wb") as out:
+            head = fh.read(CHUNK)
+            fmt = detect_format(head)
+            if fmt not in SUPPORTED:
+                raise CorruptArchive(f"{name}: empty file" if not head else
+                                     f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})")
+
+            def chunks():
+                block = head
+                while block:
+                    in_sha.update(block)
+                    yield block
+                    block = fh.read(CHUNK)
+
+            for piece in _gzip_members(chunks(), src):
+                written += len(piece)
                 if written > max_bytes:
                     raise CorruptArchive(f"{name}: output exceeds max_extracted_bytes ({max_bytes}); "
                                          "treated as a decompression bomb")
                 if written > budget:
                     budget = _free_bytes(directory) - min_free + written
                     if written > budget:
-                        raise ArchiveError(f"{directory}: not enough free space to extract {src} "
+                        raise ArchiveError(f"{directory}: not enough free space to extract {name} "
                                            f"(min_free_bytes {min_free}); free some space and rerun")
-                digest.update(chunk)
-                out.write(chunk)
+                out_sha.update(piece)
+                out.write(piece)
                 crashpoint("extract")
-            out.flush()
-            os.fsync(out.fileno())
     except (CorruptArchive, ArchiveError):
         _discard(dst_tmp)
         raise
@@ -99,13 +136,13 @@ def extract(src, dst_tmp, fmt, *, max_bytes, min_free):
     except OSError as exc:
         _discard(dst_tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ArchiveError(f"{directory}: disk full while extracting {src}; free some space "
+            raise ArchiveError(f"{directory}: disk full while extracting {name}; free some space "
                                "and rerun") from None
-        raise ArchiveError(f"{src}: extraction failed: {exc}") from None
+        raise ArchiveError(f"{name}: extraction failed: {exc}") from None
     except BaseException:
         _discard(dst_tmp)
         raise
-    return written, digest.hexdigest()
+    return Inflated((in_sha.hexdigest(), fmt, written, out_sha.hexdigest()))
 
 
 def _discard(path):

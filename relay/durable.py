@@ -59,3 +59,31 @@ def _unlink_quietly(path):
         return True
     except FileNotFoundError:
         return False
+
+
+_libc = None
+
+
+def syncfs(path):
+    """Flush every dirty page and entry of the filesystem holding `path` (one call for a batch)."""
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not hasattr(_libc, "syncfs"):  # pragma: no cover - not Linux
+            os.sync()
+        elif _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def replace_unsynced(path, data):
+    """Write `data` to a temp file beside `path` and rename it over `path`; durable after syncfs."""
+    tmp = f"{os.path.dirname(path)}/.tmp-{os.path.basename(path)}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""The stage actions (fetch → verify → extract → place) that doit tasks call, and the run context they share."""
+"""The stage actions doit calls — fetch (batched per server), then verify → extract → place in one pass
+per file — and the run context they share."""
 
 import collections
 import os
@@ -10,13 +11,18 @@ import msgspec
 from doit.exceptions import TaskFailed
 
 from . import codecs, durable, logs, planning, state
-from .faults import crashpoint
 from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing
+from .faults import crashpoint
 from .layout import Layout
 from .remote import Connection
 from .retry import call_with_retry
 
 _encoder = msgspec.json.Encoder()
+
+# Finished records are made durable in batches: at most this many, or this old, before a flush.
+FLUSH_RECORDS = 512
+FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 256 * 2**20
 
 
 class Runtime:
@@ -33,11 +39,14 @@ class Runtime:
         self.listing_errors = {}  # server -> message
         self.planned = {}  # (server, key) -> Record not yet on disk
         self.listed = {}  # (server, key) -> (size, mtime) listed now, for parked records
-        self.fetched = {}  # (server, key) -> outcome of this run's batch fetch
-        self._server_locks = collections.defaultdict(threading.Lock)
+        self.fetched = set()  # (server, key) whose fetch this run already attempted
+        self._locks = collections.defaultdict(threading.Lock)
         self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
         self._sha_owner = {}  # server -> sha256 -> key
         self._owners = {}  # server -> path under the data tree -> key
+        self._pending = []  # records finished in memory, waiting for the next batch flush
+        self._pending_bytes = 0
+        self._last_flush = time.monotonic()
 
     # --- records ------------------------------------------------------------------------
 
@@ -46,16 +55,43 @@ class Runtime:
         rec = self.store.records.get(server, {}).get(key)
         return rec if rec is not None else self.planned.get((server, key))
 
-    def save(self, rec, **changes):
-        """Apply `changes` and write the record durably, stamped with this run."""
+    def _apply(self, rec, changes):
         for name, value in changes.items():
             setattr(rec, name, value)
-        self.store.save(rec, run_id=self.run_id)
         owners = self._path_owners(rec.server)
         for path in (rec.extracted_path, rec.source_path):
             if path:
                 owners[path] = rec.key
+
+    def save(self, rec, **changes):
+        """Apply `changes` and write the record durably now (rare transitions)."""
+        self._apply(rec, changes)
+        self.store.save(rec, run_id=self.run_id)
         return rec
+
+    def defer(self, rec, nbytes=0, **changes):
+        """Apply `changes` now; the record reaches disk with the next batch flush, after the files it names."""
+        self._apply(rec, changes)
+        rec.run_id = self.run_id
+        self.store.records.setdefault(rec.server, {})[rec.key] = rec
+        with self._locks["flush"]:
+            self._pending.append(rec)
+            self._pending_bytes += nbytes
+            due = (len(self._pending) >= FLUSH_RECORDS or self._pending_bytes >= FLUSH_BYTES
+                   or time.monotonic() - self._last_flush >= FLUSH_SECONDS)
+        if due:
+            self.flush()
+        return rec
+
+    def flush(self):
+        """Make the batch durable: first the data files (one syncfs), then the records that name them."""
+        with self._locks["flush"]:
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            self._last_flush = time.monotonic()
+            if not batch:
+                return
+            durable.syncfs(self.settings.data_root)
+            self.store.save_batch(batch, run_id=self.run_id)
 
     def _path_owners(self, server):
         if server not in self._owners:
@@ -64,17 +100,17 @@ class Runtime:
                 for path in (r.extracted_path, r.source_path) if path}
         return self._owners[server]
 
-    def taken(self, server, path, key):
-        """True when `path` belongs to another record of `server`."""
-        return self._path_owners(server).get(path, key) != key
-
     def unique_path(self, server, directory, name, key):
         """`directory/name`, or a key-suffixed variant when another record owns that path."""
         path = os.path.join(directory, name)
-        return path if not self.taken(server, path, key) else os.path.join(directory, f"{name}~{key[:8]}")
+        if self._path_owners(server).get(path, key) == key:
+            return path
+        return os.path.join(directory, f"{name}~{key[:8]}")
 
     def emit(self, level, message, rec=None, **fields):
         """Log one structured event about `rec`."""
+        if not self.log.isEnabledFor(level):
+            return
         extra = dict(fields)
         if rec is not None:
             extra.setdefault("server", rec.server)
@@ -85,14 +121,17 @@ class Runtime:
         """The per-server concurrency cap."""
         return self._slots[server]
 
-    def sha_owner(self, server):
-        """sha256 → key of every file of `server` already extracted or on its way (not duplicates)."""
-        if server not in self._sha_owner:
-            self._sha_owner[server] = {
-                r.sha256: r.key for r in self.store.records.get(server, {}).values()
-                if r.sha256 and not r.duplicate_of
-                and r.status in (state.VERIFIED, state.EXTRACTED, state.PROCESSED)}
-        return self._sha_owner[server]
+    def claim_sha(self, server, sha, key):
+        """Claim content `sha` for `key`; return the key that already owns it, or None."""
+        with self._locks[("sha", server)]:
+            if server not in self._sha_owner:
+                self._sha_owner[server] = {
+                    r.sha256: r.key for r in self.store.records.get(server, {}).values()
+                    if r.sha256 and not r.duplicate_of
+                    and r.status in (state.VERIFIED, state.EXTRACTED, state.PROCESSED)}
+            owners = self._sha_owner[server]
+            owner = owners.setdefault(sha, key)
+            return None if owner == key else owner
 
 
 RUNTIME = None  # set by relay.tasks when the dodo file loads, or by tests
@@ -131,16 +170,13 @@ def unpark(rt, rec):
     if rec.origin == "remote" and rec.error_kind in ("copy", "quarantine"):
         # Fetch afresh: the fault may have been in transit, or fixed on the server since.
         status = state.PENDING
-        size, mtime = rt.listed.get((rec.server, rec.key), (rec.size, rec.mtime))
-        rec.size, rec.mtime = size, mtime
+        rec.size, rec.mtime = rt.listed.get((rec.server, rec.key), (rec.size, rec.mtime))
         if source.endswith(".error.json"):
             durable.unlink_durably(source)
             source = ""
     elif os.path.exists(source):
         durable.move_durably(source, os.path.join(rt.layout.incoming(rec.server), rec.local_name))
         source = ""
-        if rec.sha256 and rec.error_kind == "extract":
-            status = state.VERIFIED
     rt.emit(20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
     return rt.save(rec, status=status, error_kind="", last_error="", source_path=source, attempts=attempts)
 
@@ -152,29 +188,34 @@ def _count(rec, stage):
 
 # --- fetch -------------------------------------------------------------------------------
 
-def fetch_file(server, key):
-    """doit action: make sure `key` is fetched (one batched rsync per server and remote directory)."""
+def fetch_server(server, only=""):
+    """doit action of `fetch:<server>`: fetch every due file of the server (or only the one labelled `only`)."""
     rt = _rt()
-    rec = rt.record(server, key)
-    if rec is None or rec.status != state.PENDING:
-        return True
-    with rt._server_locks[server]:
-        if (server, key) not in rt.fetched:
-            wanted = [w.key for w in rt.plans[server].due if w.first == "fetch"] if server in rt.plans else []
-            batch = [k for k in dict.fromkeys(wanted + [key]) if (server, k) not in rt.fetched
-                     and getattr(rt.record(server, k), "status", None) == state.PENDING]
-            with rt.slot(server):
-                fetch_batch(rt, server, [rt.record(server, k) for k in batch])
+    plan = rt.plans.get(server)
+    keys = [w.key for w in plan.due if w.first == "fetch"] if plan else []
+    if only:
+        labels = {planning.label(rt.record(server, k).local_name): k for k in keys}
+        if only not in labels:
+            return TaskFailed(f"{server}: no file called {only!r} is due for fetching "
+                              f"(due: {', '.join(sorted(labels)) or 'none'}); see `doit list --all`")
+        keys = [labels[only]]
+    ensure_fetched(rt, server, keys)
+    rt.flush()
     return True
 
 
-def fetch_batch(rt, server, records):
-    """Fetch `records` with one rsync per remote directory, retrying transient faults, parking the rest."""
-    by_dir = collections.defaultdict(list)
-    for rec in records:
-        by_dir[os.path.dirname(rec.remote_path)].append(rec)
-    for remote_dir, group in by_dir.items():
-        _fetch_dir(rt, server, remote_dir, group)
+def ensure_fetched(rt, server, keys):
+    """Fetch those of `keys` that are pending and not yet tried this run, in one batch per remote directory."""
+    with rt._locks[("fetch", server)]:
+        batch = [rt.record(server, k) for k in dict.fromkeys(keys) if (server, k) not in rt.fetched]
+        batch = [rec for rec in batch if rec is not None and rec.status == state.PENDING]
+        by_dir = collections.defaultdict(list)
+        for rec in batch:
+            rt.fetched.add((server, rec.key))
+            by_dir[os.path.dirname(rec.remote_path)].append(rec)
+        for remote_dir, group in by_dir.items():
+            with rt.slot(server):
+                _fetch_dir(rt, server, remote_dir, group)
 
 
 def _fetch_dir(rt, server, remote_dir, group):
@@ -182,6 +223,7 @@ def _fetch_dir(rt, server, remote_dir, group):
     staging = rt.layout.staging(server, remote_dir)
     conn = rt.connections[server]
     waiting = {os.path.basename(r.remote_path): r for r in group}
+    arrived = []
     started = time.monotonic()
 
     def attempt():
@@ -194,7 +236,10 @@ def _fetch_dir(rt, server, remote_dir, group):
             for name in list(waiting):
                 staged = os.path.join(staging, name)
                 if os.path.exists(staged):
-                    _publish_fetched(rt, waiting.pop(name), staged, started)
+                    rec = waiting.pop(name)
+                    os.replace(staged, os.path.join(rt.layout.incoming(server), rec.local_name))
+                    arrived.append(rec)
+                    crashpoint("fetch")
 
     def on_failure(exc, number):
         rt.emit(30, f"fetch attempt {number} failed: {exc}", None, server=server, operation="fetch",
@@ -206,89 +251,34 @@ def _fetch_dir(rt, server, remote_dir, group):
                         on_failure=on_failure)
     except RemoteError as exc:
         for rec in waiting.values():
-            rt.fetched[(server, rec.key)] = "error"
             park(rt, rec, "copy", exc)
         waiting.clear()
+    finally:
+        _publish_fetched(rt, server, arrived, started)
     for rec in waiting.values():  # rsync succeeded but the file was not there
-        rt.fetched[(server, rec.key)] = "missing"
         park(rt, rec, "copy", RemoteFileMissing(
             f"{server}:{planning.label(rec.remote_path)}: vanished between listing and fetch"))
 
 
-def _publish_fetched(rt, rec, staged, started):
-    target = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
-    durable.fsync_file(staged)
-    durable.move_durably(staged, target)
-    crashpoint("fetch")
-    rt.fetched[(rec.server, rec.key)] = "copied"
-    superseded = rec.source_path  # a quarantined copy, replaced by this fresh one
-    rt.save(rec, status=state.COPIED, source_path="")
-    if superseded:
-        durable.unlink_durably(superseded)
-    rt.emit(20, "fetched", rec, operation="fetch", bytes=os.path.getsize(target),
-            duration_ms=round((time.monotonic() - started) * 1000, 1))
-
-
-# --- verify ------------------------------------------------------------------------------
-
-def verify_file(server, key):
-    """doit action: hash, detect the format, check size and mtime against the listing, spot duplicates."""
-    rt = _rt()
-    rec = rt.record(server, key)
-    if rec is not None and rec.status == state.COPIED:
-        with rt.slot(server):
-            _verify(rt, rec)
-    return True
-
-
-def _verify(rt, rec):
-    path = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if rec.origin == "local":
-            rt.emit(30, "dropped file disappeared before it was verified", rec, operation="verify")
-            return
-        rt.save(rec, status=state.PENDING)
-        rt.emit(30, "fetched copy missing from incoming/; it will be fetched again", rec, operation="verify")
+def _publish_fetched(rt, server, arrived, started):
+    """Files now in incoming/: one syncfs for the data, then their `copied` records in one batch."""
+    if not arrived:
         return
-    listed_mtime = int(float(rec.mtime))
-    if rec.origin == "remote" and (st.st_size, int(st.st_mtime)) != (rec.size, listed_mtime):
-        # The file changed between the listing and the transfer: leave it for a later, stable run.
-        durable.unlink_durably(path)
-        rt.save(rec, status=state.PENDING)
-        rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {st.st_size}); left for a "
-                "later run", rec, operation="verify")
-        return
-    if rec.origin == "local" and st.st_size != rec.size:
-        rt.emit(30, "dropped file is still changing; left for a later run", rec, operation="verify")
-        return
-    sha, fmt = codecs.hash_and_detect(path)
-    rec.sha256, rec.format = sha, fmt
-    if fmt not in codecs.SUPPORTED:
-        park(rt, rec, "quarantine", CorruptArchive(
-            f"{rec.local_name}: unknown format (magic bytes match none of {', '.join(codecs.SUPPORTED)})"))
-        return
-    owners = rt.sha_owner(rec.server)
-    with rt._server_locks[("sha", rec.server)]:
-        owner = owners.get(sha)
-        if owner is None or owner == rec.key:
-            owners[sha] = rec.key
-            owner = None
-    if owner is not None:
-        _place_source(rt, rec, path)
-        rt.save(rec, status=state.PROCESSED, duplicate_of=owner)
-        rt.emit(20, f"duplicate of an already processed file ({owner}); not extracted again", rec,
-                operation="verify")
-        return
-    rt.save(rec, status=state.VERIFIED)
-    rt.emit(20, "verified", rec, operation="verify", bytes=st.st_size)
+    durable.syncfs(rt.settings.data_root)
+    for rec in arrived:
+        if rec.source_path:  # a quarantined copy, superseded by this fresh fetch
+            durable.unlink_durably(rec.source_path)
+        rt._apply(rec, {"status": state.COPIED, "source_path": ""})
+        rt.store.records.setdefault(server, {})[rec.key] = rec
+    rt.store.save_batch(arrived, run_id=rt.run_id)
+    rt.emit(20, f"fetched {len(arrived)} file(s)", None, server=server, operation="fetch",
+            bytes=sum(r.size for r in arrived), duration_ms=round((time.monotonic() - started) * 1000, 1))
 
 
-# --- extract and place -------------------------------------------------------------------
+# --- verify, extract, place: one read of each file ---------------------------------------
 
-def extract_file(server, key):
-    """doit action: bring one file through whatever stages remain, up to placed and processed.
+def process_file(server, key):
+    """doit action of `extract:<server>/<file>`: bring one file through whatever stages remain.
 
     Returns `{"parked": bool}`: doit keeps it, and `recorded_parked` reads it back to leave a parked
     file alone until `doit forget` drops that value.
@@ -301,16 +291,22 @@ def extract_file(server, key):
         if rec.run_id == rt.run_id:
             return {"parked": True}  # parked by this very run: it waits for an explicit recovery
         rec = unpark(rt, rec)
+    if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED)
+            and not os.path.exists(os.path.join(rt.layout.incoming(server), rec.local_name))):
+        # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
+        rt.save(rec, status=state.PENDING)
+        rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
     if rec.status == state.PENDING:
-        fetch_file(server, key)
+        ensure_fetched(rt, server, [w.key for w in rt.plans[server].due if w.first == "fetch"] + [key]
+                       if server in rt.plans else [key])
         rec = rt.record(server, key)
     with rt.slot(server):
-        if rec.status == state.COPIED:
-            _verify(rt, rec)
-        if rec.status == state.VERIFIED:
+        if rec.status in (state.COPIED, state.VERIFIED):
             _extract(rt, rec)
         if rec.status == state.EXTRACTED:
             _place(rt, rec)
+            rt.defer(rec, nbytes=rec.extracted_size, status=state.PROCESSED)
+            rt.emit(20, "processed", rec, operation="extract", bytes=rec.extracted_size)
     return {"parked": rec.parked}
 
 
@@ -319,23 +315,38 @@ def recorded_parked(task, values):
     return values.get("parked") is True
 
 
+def _changed_locally(rt, rec, st):
+    if rec.origin == "remote":
+        return (st.st_size, int(st.st_mtime)) != (rec.size, int(float(rec.mtime)))
+    return st.st_size != rec.size
+
+
 def _extract(rt, rec):
     settings = rt.settings
     src = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
-    if not os.path.exists(src):
-        rt.save(rec, status=state.PENDING if rec.origin == "remote" else rec.status)
-        rt.emit(30, "source missing from incoming/; it will be fetched again", rec, operation="extract")
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        if rec.origin == "remote":
+            rt.save(rec, status=state.PENDING)
+            rt.emit(30, "source missing from incoming/; it will be fetched again", rec, operation="verify")
+        else:
+            rt.emit(30, "dropped file disappeared before it was extracted", rec, operation="verify")
         return
-    name = codecs.output_name(planning.versioned(rec.local_name, rec.generation, rec.sha256), rec.format)
-    target = rt.unique_path(rec.server, rt.layout.extracted(rec.server), name, rec.key)
+    if _changed_locally(rt, rec, st):
+        # The file changed between the listing and the transfer: leave it for a later, stable run.
+        if rec.origin == "remote":
+            durable.unlink_durably(src)
+            rt.save(rec, status=state.PENDING)
+        rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {st.st_size}); left for a "
+                "later run", rec, operation="verify")
+        return
     tmp = os.path.join(rt.layout.extract_tmp(rec.server), f"{rec.key}.part")
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
     started = time.monotonic()
 
     def attempt():
         _count(rec, "extract")
-        return codecs.extract(src, tmp, rec.format, max_bytes=settings.max_extracted_bytes,
-                              min_free=settings.min_free_bytes)
+        return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes)
 
     def on_failure(exc, number):
         if isinstance(exc, ArchiveError):
@@ -343,9 +354,9 @@ def _extract(rt, rec):
                     attempt=number, error=str(exc))
 
     try:
-        size, sha = call_with_retry(attempt, attempts=settings.max_retry_extract,
-                                    base=settings.retry_delay_base, cap=settings.retry_delay_max,
-                                    is_transient=lambda e: isinstance(e, ArchiveError), on_failure=on_failure)
+        result = call_with_retry(attempt, attempts=settings.max_retry_extract,
+                                 base=settings.retry_delay_base, cap=settings.retry_delay_max,
+                                 is_transient=lambda e: isinstance(e, ArchiveError), on_failure=on_failure)
     except CorruptArchive as exc:
         if rec.origin == "remote" and _still_changing(rt, rec):
             durable.unlink_durably(src)
@@ -358,10 +369,22 @@ def _extract(rt, rec):
     except ArchiveError as exc:
         park(rt, rec, "extract", exc)
         return
-    durable.move_durably(tmp, target)
+    rec.sha256, rec.format = result.sha256, result.format
+    owner = rt.claim_sha(rec.server, result.sha256, rec.key)
+    if owner is not None:
+        os.unlink(tmp)
+        _place(rt, rec)
+        rt.defer(rec, status=state.PROCESSED, duplicate_of=owner)
+        rt.emit(20, f"duplicate of an already processed file ({owner}); not extracted again", rec,
+                operation="verify")
+        return
+    name = codecs.output_name(planning.versioned(rec.local_name, rec.generation, rec.sha256), rec.format)
+    target = rt.unique_path(rec.server, rt.layout.extracted(rec.server), name, rec.key)
+    os.replace(tmp, target)
     crashpoint("place")
-    rt.save(rec, status=state.EXTRACTED, extracted_path=target, extracted_size=size, extracted_sha256=sha)
-    rt.emit(20, "extracted", rec, operation="extract", bytes=size,
+    rt._apply(rec, {"status": state.EXTRACTED, "extracted_path": target, "extracted_size": result.size,
+                    "extracted_sha256": result.out_sha256})
+    rt.emit(10, "extracted", rec, operation="extract", bytes=result.size,
             duration_ms=round((time.monotonic() - started) * 1000, 1))
 
 
@@ -374,26 +397,22 @@ def _still_changing(rt, rec):
     return entry is not None and (entry.size, entry.mtime) != (rec.size, rec.mtime)
 
 
-def _place_source(rt, rec, path):
-    """Keep the compressed source under processed/ or delete it, per delete_source."""
-    if rt.settings.delete_source:
-        durable.unlink_durably(path)
-        rec.source_path = ""
-        return
-    name = planning.versioned(rec.local_name, rec.generation, rec.sha256)
-    target = rt.unique_path(rec.server, rt.layout.processed(rec.server), name, rec.key)
-    if os.path.exists(path):
-        durable.move_durably(path, target)
-    rec.source_path = target
-
-
 def _place(rt, rec):
+    """Keep the compressed source under processed/ or delete it, per delete_source (durable at the flush)."""
     path = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
-    if os.path.exists(path):
-        _place_source(rt, rec, path)
+    if rt.settings.delete_source:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        rec.source_path = ""
+    else:
+        name = planning.versioned(rec.local_name, rec.generation, rec.sha256)
+        target = rt.unique_path(rec.server, rt.layout.processed(rec.server), name, rec.key)
+        if os.path.exists(path):
+            os.replace(path, target)
+        rec.source_path = target
     crashpoint("place-source")
-    rt.save(rec, status=state.PROCESSED)
-    rt.emit(20, "processed", rec, operation="place")
 
 
 # --- per-server summary ------------------------------------------------------------------
@@ -405,9 +424,10 @@ RECOVER_HINT = {
 }
 
 
-def server_summary(server):
-    """doit action of the per-server group: fail when this run parked a file or could not list the server."""
+def finish_server(server):
+    """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
+    rt.flush()
     problems, kinds = [], set()
     if server in rt.listing_errors:
         problems.append(f"listing failed: {rt.listing_errors[server]}")

@@ -121,6 +121,24 @@ class Store:
         self.records.setdefault(record.server, {})[record.key] = record
         self._index_stale.add(record.server)
 
+    def save_batch(self, records, run_id=None):
+        """Write many records (temp + rename each), then make them all durable with one syncfs."""
+        if not records:
+            return
+        now = time.time()
+        made = set()
+        for record in records:
+            record.updated_at = now
+            record.created_at = record.created_at or now
+            if run_id is not None:
+                record.run_id = run_id
+            if record.server not in made:
+                os.makedirs(self._dir(record.server), exist_ok=True)
+                made.add(record.server)
+            durable.replace_unsynced(self.path(record), _encoder.encode(_to_disk(record)))
+            self._index_stale.add(record.server)
+        durable.syncfs(self.state_dir)
+
     def get(self, server, key) -> Optional[Record]:
         """Read one record fresh from disk, or None."""
         try:

@@ -175,29 +175,14 @@ def _labels(plan):
     return labels
 
 
-def _stage_tasks(plans, stage, starts, action, upstream):
-    """Per-file `<stage>:<server>/<file>` tasks for due work starting at one of `starts`, plus the groups."""
-    for server, plan in plans.items():
-        labels = _labels(plan)
-        names = []
-        for work in plan.due:
-            if work.first in starts:
-                name = f"{server}/{labels[work.key]}"
-                names.append(f"{stage}:{name}")
-                deps = [f"{upstream}:{name}"] if upstream and work.first != stage else []
-                yield {"name": name, "actions": [(action, [server, work.key])], "task_dep": deps,
-                       "uptodate": [False], "io": NO_CAPTURE, "doc": f"{stage} {server}:{labels[work.key]}"}
-        yield {"name": server, "actions": None, "task_dep": names, "doc": f"{stage} everything due on {server}"}
-
-
 def fetch_tasks(plans):
-    """`fetch:<server>/<file>` for files still to fetch, and the `fetch:<server>` groups."""
-    return _stage_tasks(plans, "fetch", ("fetch",), stages.fetch_file, None)
-
-
-def verify_tasks(plans):
-    """`verify:<server>/<file>` for files still to verify, and the `verify:<server>` groups."""
-    return _stage_tasks(plans, "verify", ("fetch", "verify"), stages.verify_file, "fetch")
+    """`fetch:<server>`: one batched rsync per server for its due files (`--only FILE` for one file)."""
+    for server, plan in plans.items():
+        due = sum(1 for w in plan.due if w.first == "fetch")
+        yield {"name": server, "actions": [(stages.fetch_server, [server])], "uptodate": [False],
+               "io": NO_CAPTURE, "doc": f"fetch the {due} file(s) due on {server} (--only FILE: just that one)",
+               "params": [{"name": "only", "long": "only", "default": "",
+                           "help": "fetch only this file (its name as `doit list --all` shows it)"}]}
 
 
 def extract_tasks(plans):
@@ -208,18 +193,19 @@ def extract_tasks(plans):
         for work in plan.due:
             name = f"{server}/{labels[work.key]}"
             names.append(f"extract:{name}")
-            deps = [f"verify:{name}"] if work.first in ("fetch", "verify") else []
-            yield {"name": name, "actions": [(stages.extract_file, [server, work.key])],
-                   "task_dep": deps, "uptodate": [False], "io": NO_CAPTURE,
-                   "doc": f"extract {server}:{labels[work.key]}"}
+            deps = [f"fetch:{server}"] if work.first == "fetch" else []
+            yield {"name": name, "actions": [(stages.process_file, [server, work.key])], "task_dep": deps,
+                   "uptodate": [False], "io": NO_CAPTURE, "doc": f"verify, extract and file {server}:{labels[work.key]}"}
         for rec in plan.parked:
             name = f"{server}/{labels[rec.key]}"
             names.append(f"extract:{name}")
             # Up to date while doit remembers parking it: `doit forget` sends it through again.
-            yield {"name": name, "actions": [(stages.extract_file, [server, rec.key])],
-                   "uptodate": [stages.recorded_parked], "io": NO_CAPTURE, "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
-        yield {"name": server, "actions": [(stages.server_summary, [server])], "task_dep": names,
-               "uptodate": [False], "io": NO_CAPTURE, "doc": f"everything for {server}: fetch, verify, extract, file"}
+            yield {"name": name, "actions": [(stages.process_file, [server, rec.key])],
+                   "uptodate": [stages.recorded_parked], "io": NO_CAPTURE,
+                   "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
+        yield {"name": server, "actions": [(stages.finish_server, [server])],
+               "task_dep": [f"fetch:{server}", *names], "uptodate": [False], "io": NO_CAPTURE,
+               "doc": f"everything for {server}: fetch, verify, extract, file"}
 
 
 def recover_tasks(plans):

@@ -31,12 +31,14 @@ def test_run_with_config_dir_variable_and_sequential(env, tmp_path):
 
 
 def test_collect_one_file(env):
-    """bin/collect SERVER FILE  ==  doit run fetch:SERVER/FILE"""
+    """bin/collect SERVER FILE  ==  doit run fetch:SERVER --only FILE"""
     put(env, "srv1", "one.gz", "1")
     put(env, "srv1", "two.gz", "2")
-    proc = env.doit("run", "fetch:srv1/one.gz", check=0)
-    assert "fetch:srv1/one.gz" in proc.stdout
+    env.doit("run", "fetch:srv1", "--only", "one.gz", check=0)
     assert (env.data / "incoming" / "srv1" / "one.gz").exists()
+    assert not (env.data / "incoming" / "srv1" / "two.gz").exists()
+    assert [r["status"] for r in env.records("srv1")] == ["copied"]
+    assert env.doit("run", "fetch:srv1", "--only", "nope.gz").returncode == 1
     assert not (env.data / "extracted" / "srv1" / "one").exists()
     env.doit("run", check=0)
     assert (env.data / "extracted" / "srv1" / "one").read_bytes() == data("1")

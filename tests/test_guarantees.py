@@ -132,12 +132,12 @@ def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
         [work] = rt.plans["srv1"].due
         with open(env.remote("srv1") / "moving.gz", "ab") as fh:  # appended after the listing
             fh.write(gzip.compress(b"more\n"))
-        stages.fetch_file("srv1", work.key)
-        stages.verify_file("srv1", work.key)
+        stages.fetch_server("srv1")
+        assert rt.record("srv1", work.key).status == state.COPIED
+        stages.process_file("srv1", work.key)
         rec = rt.record("srv1", work.key)
         assert rec.status == state.PENDING
         assert not (env.data / "incoming" / "srv1" / "moving.gz").exists()
-        stages.extract_file("srv1", work.key)
         assert not (env.data / "extracted" / "srv1" / "moving").exists()
     finally:
         for conn in rt.connections.values():
