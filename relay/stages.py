@@ -42,6 +42,7 @@ class Runtime:
         self.fetched = set()  # (server, key) whose fetch this run already attempted
         self._locks = collections.defaultdict(threading.Lock)
         self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
+        self.workers = threading.BoundedSemaphore(settings.max_workers)  # the global cap on extraction
         self._sha_owner = {}  # server -> sha256 -> key
         self._owners = {}  # server -> path under the data tree -> key
         self._pending = []  # records finished in memory, waiting for the next batch flush
@@ -300,7 +301,7 @@ def process_file(server, key):
         ensure_fetched(rt, server, [w.key for w in rt.plans[server].due if w.first == "fetch"] + [key]
                        if server in rt.plans else [key])
         rec = rt.record(server, key)
-    with rt.slot(server):
+    with rt.workers, rt.slot(server):
         if rec.status in (state.COPIED, state.VERIFIED):
             _extract(rt, rec)
         if rec.status == state.EXTRACTED:

@@ -148,7 +148,9 @@ def doit_config(config_dir=None):
         "default_tasks": [f"extract:{s.name}" for s in rt.settings.enabled_servers],
         "dep_file": os.path.join(rt.settings.state_dir, "doit.db"),
         "backend": "sqlite3",
-        "num_process": rt.settings.max_workers,
+        # Fetch tasks mostly wait on the network: one extra thread per server lets all servers'
+        # transfers run at once; extraction itself stays capped at max_workers inside the actions.
+        "num_process": rt.settings.max_workers + len(rt.settings.enabled_servers),
         "par_type": "thread",
         "check_file_uptodate": "timestamp",
         "continue": True,  # one failing server must not stop the others

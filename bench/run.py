@@ -1,0 +1,279 @@
+"""Benchmark logpipe-relay against the naive script users would otherwise write, in one run.
+
+The naive script, per server in turn: `rsync -rt` of the remote `*.gz` over ssh into a local directory,
+then `gzip -dk` of what came. Both run on the same generated data, served by three sshd servers on
+loopback (the dedicated user `logpipe-test`, as in the tests), alternating over several rounds; the
+work area is on tmpfs (/dev/shm). Prints per workload the median wall time of each, the ratio
+ours/naive, our peak RSS and throughput, and checks that both extracted byte-identical files.
+
+Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,small,...]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from isal import igzip
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from relay import sandbox  # noqa: E402
+
+OLD = 1_700_000_000  # mtime of generated files: old enough to be due at once
+
+# name: (files per server, uncompressed bytes per file, full-mode target)
+WORKLOADS = {
+    "large": {"files": 7, "size": 50 * 2**20, "quick": (2, 8 * 2**20), "target": "ratio <= 0.5"},
+    "small": {"files": 700, "size": 20 * 2**10, "quick": (100, 20 * 2**10), "target": "ratio <= 1.0"},
+    "noop-10k": {"total": 10_000, "quick": 2_000, "target": "wall <= 0.8 s, RSS <= 150 MB"},
+    "noop-50k": {"total": 50_000, "quick": None, "target": "wall <= 2.0 s, RSS <= 200 MB"},
+    "big": {"files": 1, "size": 2 * 2**30, "quick": (1, 256 * 2**20), "target": "RSS <= 100 MB",
+            "servers": 1},
+}
+
+# A fresh parent per measurement: RUSAGE_CHILDREN's peak then belongs to that one command.
+_MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+wall = time.perf_counter() - started
+print(f"{code} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+"""
+
+
+def measure(argv, env, cwd):
+    """(wall seconds, peak RSS MiB) of one command, which must succeed."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], env=env, cwd=cwd,
+                          capture_output=True, text=True)
+    code, wall, peak = proc.stderr.strip().splitlines()[-1].split()
+    if int(code) != 0:
+        raise SystemExit(f"{argv[:4]}… failed with status {code}:\n{proc.stderr[-3000:]}")
+    return float(wall), int(peak) / 1024
+
+
+# --- data ----------------------------------------------------------------------------------
+
+class Corpus:
+    """Realistic access-log lines from a seed; files are random samples of them (each file unique)."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.lines = sandbox.log_lines(self.rng, 60_000).splitlines(keepends=True)
+        self.mean = sum(map(len, self.lines)) / len(self.lines)
+
+    def block(self, nbytes):
+        return b"".join(self.rng.choices(self.lines, k=max(1, int(nbytes / self.mean))))
+
+    def write(self, path, nbytes):
+        """A gzip file of about `nbytes` uncompressed log text, written in bounded pieces."""
+        written = 0
+        with igzip.open(path, "wb", compresslevel=3) as out:
+            while written < nbytes:
+                piece = self.block(min(8 * 2**20, nbytes - written))
+                out.write(piece)
+                written += len(piece)
+        os.chmod(path, 0o644)
+        os.utime(path, (OLD, OLD))
+        return written
+
+
+def compression_ratio(paths):
+    raw = packed = 0
+    for path in paths:
+        packed += os.path.getsize(path)
+        with igzip.open(path, "rb") as fh:
+            while chunk := fh.read(2**22):
+                raw += len(chunk)
+    return raw / packed if packed else 0
+
+
+# --- the two contenders ----------------------------------------------------------------------
+
+def naive_script(box, servers, out_dir):
+    """The naive baseline as a shell script: rsync -rt then gzip -dk, server after server."""
+    lines = ["set -e"]
+    for s in servers:
+        dest = f"{out_dir}/{s.name}"
+        ssh = f"ssh -p {s.port} -o UserKnownHostsFile={box.known_hosts}"
+        ssh += " -i " + box.client_key if s.auth == "key" else ""
+        pre = "sshpass -e " if s.auth == "password" else ""
+        lines += [f"mkdir -p {dest}",
+                  f"{pre}rsync -rt -e '{ssh}' {sandbox.SANDBOX_USER}@{s.address}:{s.remote_dir}/'*.gz' {dest}/",
+                  f"gzip -dk {dest}/*.gz"]
+    return "\n".join(lines) + "\n"
+
+
+def reset(*paths):
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def digest_tree(root):
+    """{relative path: sha256} of every file under root."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(2**22):
+                    h.update(chunk)
+            out[str(path.relative_to(root))] = h.hexdigest()
+    return out
+
+
+class Bench:
+    """One work area on tmpfs with three sshd servers, reused by every workload."""
+
+    def __init__(self, rounds):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.root = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=base))
+        self.rounds = rounds
+        self.box = sandbox.Sandbox(str(self.root / "servers"), count=3, password_servers=(2,)).start()
+        self.env = self.box.environ()
+        self.env["SSHPASS"] = self.box.password  # for the naive script's `sshpass -e`
+
+    def close(self):
+        self.box.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _dirs(self, name):
+        for s in self.box.servers:
+            path = Path(s.remote_dir) / name
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            os.chmod(path, 0o755)
+
+    def _ours(self, name, servers):
+        work = self.root / "ours" / name
+        conf = self.box.write_config(str(work / "conf"), str(work), subdir=name,
+                                     pipeline={"max_workers": 2, "min_free_bytes": 0,
+                                               "max_extracted_bytes": 8 * 2**30},
+                                     servers=[{} if s in servers else {"enabled": False} for s in self.box.servers])
+        env = dict(self.env, RELAY_CONFIG_DIR=conf)
+        argv = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "run"]
+        return work, env, argv
+
+    def compare(self, name, spec, corpus, quick):
+        """Alternate ours and the naive script over the rounds on one generated data set."""
+        count, size = spec["quick"] if quick else (spec["files"], spec["size"])
+        servers = self.box.servers[: spec.get("servers", 3)]
+        self._dirs(name)
+        paths = []
+        for s in servers:
+            for i in range(count):
+                path = Path(s.remote_dir) / name / f"access.log.{i + 1}.gz"
+                corpus.write(str(path), size)
+                paths.append(path)
+        ratio = compression_ratio(paths[:3])
+        work, env, argv = self._ours(name, servers)
+        naive_out = self.root / "naive" / name
+        script = self.root / f"naive-{name}.sh"
+        script.write_text(naive_script(self.box, [_Remote(s, name) for s in servers], naive_out))
+        ours_t, naive_t, rss = [], [], []
+        for _ in range(self.rounds):
+            reset(work / "data", work / "state", work / "tmp", work / "logs")
+            wall, peak = measure(argv, env, str(work))
+            ours_t.append(wall)
+            rss.append(peak)
+            reset(naive_out)
+            naive_t.append(measure(["bash", str(script)], self.env, str(self.root))[0])
+        ours_files = digest_tree(work / "data" / "extracted")
+        naive_files = {k: v for k, v in digest_tree(naive_out).items() if not k.endswith(".gz")}
+        identical = ours_files == naive_files and len(ours_files) == len(paths)
+        out_bytes = sum(os.path.getsize(p) for p in (work / "data" / "extracted").rglob("*") if p.is_file())
+        ours_med, naive_med = statistics.median(ours_t), statistics.median(naive_t)
+        return {"workload": name, "files": len(paths), "compressed_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
+                "extracted_mb": round(out_bytes / 1e6, 1), "compression_ratio": round(ratio, 1),
+                "ours_s": round(ours_med, 3), "naive_s": round(naive_med, 3),
+                "ratio": round(ours_med / naive_med, 3), "ours_peak_rss_mb": round(max(rss), 1),
+                "ours_mb_per_s": round(out_bytes / 1e6 / ours_med, 1),
+                "ours_files_per_s": round(len(paths) / ours_med, 1), "identical_output": identical,
+                "rounds": self.rounds, "target": spec["target"]}
+
+    def noop(self, name, spec, quick):
+        """N processed files over three servers, nothing new: the rerun's wall time and peak RSS."""
+        total = spec["quick"] if quick else spec["total"]
+        if not total:
+            return None
+        self._dirs(name)
+        for i in range(total):
+            s = self.box.servers[i % 3]
+            path = Path(s.remote_dir) / name / f"log-{i:06d}.gz"
+            path.write_bytes(igzip.compress(f"line {i}\n".encode()))
+            os.utime(path, (OLD, OLD))
+        work, env, argv = self._ours(name, self.box.servers)
+        first, _ = measure(argv, env, str(work))
+        walls, rss = [], []
+        for _ in range(self.rounds):
+            wall, peak = measure(argv, env, str(work))
+            walls.append(wall)
+            rss.append(peak)
+        return {"workload": name, "files": total, "first_run_s": round(first, 2),
+                "ours_s": round(statistics.median(walls), 3), "ours_peak_rss_mb": round(max(rss), 1),
+                "rounds": self.rounds, "target": spec["target"]}
+
+
+class _Remote:
+    """A server seen through one workload's subdirectory (for the naive script)."""
+
+    def __init__(self, server, subdir):
+        self.__dict__.update(server.__dict__)
+        self.remote_dir = os.path.join(server.remote_dir, subdir)
+
+
+def table(results):
+    head = f"{'workload':<10} {'files':>6} {'out MB':>8} {'gz x':>5} {'ours s':>8} {'naive s':>8} {'ratio':>6} " \
+           f"{'RSS MB':>7} {'MB/s':>7} {'files/s':>8} {'same':>5}  target"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(f"{r['workload']:<10} {r['files']:>6} {r.get('extracted_mb', ''):>8} "
+                    f"{r.get('compression_ratio', ''):>5} {r['ours_s']:>8} {r.get('naive_s', ''):>8} "
+                    f"{r.get('ratio', ''):>6} {r['ours_peak_rss_mb']:>7} {r.get('ours_mb_per_s', ''):>7} "
+                    f"{r.get('ours_files_per_s', ''):>8} {str(r.get('identical_output', '')):>5}  {r['target']}")
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small data, one round each: well under a minute")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 3, quick 1)")
+    parser.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the benchmark starts sshd servers and needs root")
+    chosen = [w for w in WORKLOADS if not args.only or w in args.only.split(",")]
+    bench = Bench(args.rounds or (1 if args.quick else 3))
+    results = []
+    try:
+        corpus = Corpus(args.seed)
+        for name in chosen:
+            spec = WORKLOADS[name]
+            result = bench.noop(name, spec, args.quick) if name.startswith("noop") else \
+                bench.compare(name, spec, corpus, args.quick)
+            if result:
+                results.append(result)
+                if not args.json:
+                    print(table(results[-1:]).splitlines()[-1] if len(results) > 1 else table(results), flush=True)
+    finally:
+        bench.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    bad = [r["workload"] for r in results if r.get("identical_output") is False]
+    if bad:
+        sys.exit(f"extracted output differs from the naive script's for: {', '.join(bad)}")
+
+
+if __name__ == "__main__":
+    main()
