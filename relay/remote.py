@@ -127,6 +127,12 @@ def listing_script(patterns):
     return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
 
 
+def decode_rsync_name(line):
+    """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
+    raw = line.rstrip("\n").encode("ascii", "surrogateescape")
+    return os.fsdecode(re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+
+
 def glob_escape(path):
     """`path` as a find -path pattern that matches only itself."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", path)
@@ -177,6 +183,7 @@ def classify(code, stderr, *, server="", tool="ssh"):
 def _env_for(server, secret=True):
     env = dict(os.environ)
     env.pop("SSHPASS", None)
+    env["LC_ALL"] = "C"  # rsync then logs every non-ASCII name byte as \#ooo, which we decode exactly
     if server.auth == "password" and secret:
         secret = os.environ.get(server.password_env)
         if not secret:
@@ -186,13 +193,17 @@ def _env_for(server, secret=True):
     return env
 
 
-def _run(server, argv, *, deadline, stdin=None, secret=True):
-    """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline."""
+def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None):
+    """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline.
+
+    With `on_line`, each stdout line is handed to it as it comes instead of being collected."""
     # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     try:
+        extra = {"_out": on_line, "_decode_errors": "surrogateescape"} if on_line else {}
         proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret), _new_group=True, _in=stdin,
-                                      _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30)
+                                      _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30,
+                                      **extra)
     except sh.CommandNotFound:
         raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
                           f"{'openssh-client' if argv[0] == 'ssh' else argv[0]})", server=server.name)
@@ -202,7 +213,7 @@ def _run(server, argv, *, deadline, stdin=None, secret=True):
     if proc.exit_code in (124, 137):
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
                                 "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
-    return proc.exit_code, proc.stdout, proc.stderr.decode(errors="replace")
+    return proc.exit_code, b"" if on_line else proc.stdout, proc.stderr.decode(errors="replace")
 
 
 class Connection:
@@ -218,20 +229,22 @@ class Connection:
     def _tool(self):
         return "sshpass+ssh" if self.server.auth == "password" else "ssh"
 
+    def _master_alive(self):
+        os.makedirs(self.sockets, mode=0o700, exist_ok=True)
+        os.chmod(self.sockets, 0o700)
+        code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
+                          deadline=self.settings.ssh_connect_timeout + 5, secret=False)
+        if code != 0:
+            try:
+                os.unlink(os.path.join(self.sockets, self.server.name))  # a dead master's socket
+            except FileNotFoundError:
+                pass
+        return code == 0
+
     def open(self):
         """Make sure a ControlMaster is up, starting one if needed."""
         with self._lock:
-            if self._open:
-                return
-            os.makedirs(self.sockets, mode=0o700, exist_ok=True)
-            os.chmod(self.sockets, 0o700)
-            code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
-                              deadline=self.settings.ssh_connect_timeout + 5, secret=False)
-            if code != 0:
-                try:
-                    os.unlink(os.path.join(self.sockets, self.server.name))  # a dead master's socket
-                except FileNotFoundError:
-                    pass
+            if not self._open and not self._master_alive():
                 self._start_master()
             self._open = True
 
@@ -273,24 +286,39 @@ class Connection:
         return None
 
     def list_paths(self, patterns):
-        """One round trip: every path matching `patterns`."""
-        self.open()
-        script = listing_script(patterns)
-        argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets),
-                "-o", "ControlMaster=no", "--", self.server.host, script]
-        code, out, err = _run(self.server, with_password(self.server, argv),
-                              deadline=self.settings.ssh_deadline)
-        if code != 0:
-            raise classify(code, err, server=self.server.name, tool=self._tool())
+        """One round trip: every path matching `patterns`.
+
+        With no shared connection up yet, the listing's own ssh becomes the ControlMaster and stays
+        in the background (its stdio detached): the handshake and the listing cost one session."""
+        with self._lock:
+            become_master = not self._open and not self._master_alive()
+            mux = ["-o", "ControlMaster=yes", "-o", f"ControlPersist={self.settings.ssh_control_persist}"] \
+                if become_master else ["-o", "ControlMaster=no"]
+            argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--",
+                    self.server.host, listing_script(patterns)]
+            code, out, err = _run(self.server, with_password(self.server, argv),
+                                  deadline=self.settings.ssh_deadline)
+            if code != 0:
+                raise classify(code, err, server=self.server.name, tool=self._tool())
+            self._open = True
         return parse_listing(out)
 
-    def fetch(self, remote_dir, names, staging):
-        """Pull `names` (basenames in `remote_dir`) into `staging` in one rsync; raise on failure."""
+    def fetch(self, remote_dir, names, staging, on_file=None):
+        """Pull `names` (basenames in `remote_dir`) into `staging` in one rsync; raise on failure.
+
+        `on_file(name)` is called as rsync reports each file done, so work can start before the batch ends."""
         self.open()
         os.makedirs(staging, exist_ok=True)
         listing = b"".join(os.fsencode(n) + b"\0" for n in names)
         argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging)
-        code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing)
+        on_line = None
+        if on_file is not None:
+            argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
+
+            def on_line(line):
+                on_file(decode_rsync_name(line))
+        code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
+                            on_line=on_line)
         if code != 0:
             raise classify(code, err, server=self.server.name, tool="rsync")
 

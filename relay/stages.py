@@ -2,6 +2,7 @@
 per file — and the run context they share."""
 
 import collections
+import concurrent.futures
 import os
 import threading
 import time
@@ -39,7 +40,10 @@ class Runtime:
         self.listing_errors = {}  # server -> message
         self.planned = {}  # (server, key) -> Record not yet on disk
         self.listed = {}  # (server, key) -> (size, mtime) listed now, for parked records
-        self.fetched = set()  # (server, key) whose fetch this run already attempted
+        self.fetched = set()  # (server, key) whose fetch this run already started
+        self.arrivals = {}  # (server, key) -> Event set when the file is in incoming/ (or given up)
+        self.fetch_pool = None
+        self.fetch_futures = collections.defaultdict(list)
         self._locks = collections.defaultdict(threading.Lock)
         self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
         self.workers = threading.BoundedSemaphore(settings.max_workers)  # the global cap on extraction
@@ -200,47 +204,96 @@ def fetch_server(server, only=""):
             return TaskFailed(f"{server}: no file called {only!r} is due for fetching "
                               f"(due: {', '.join(sorted(labels)) or 'none'}); see `doit list --all`")
         keys = [labels[only]]
-    ensure_fetched(rt, server, keys)
-    rt.flush()
+    start_fetch(rt, server, keys)
+    for future in list(rt.fetch_futures.get(server, ())):
+        future.result()
     return True
 
 
-def ensure_fetched(rt, server, keys):
-    """Fetch those of `keys` that are pending and not yet tried this run, in one batch per remote directory."""
+def start_fetch(rt, server, keys):
+    """Start, in the background, one batch fetch of those `keys` that are pending and not yet tried this run.
+
+    Each file's arrival is signalled on its own event, so extraction starts while the batch goes on."""
     with rt._locks[("fetch", server)]:
         batch = [rt.record(server, k) for k in dict.fromkeys(keys) if (server, k) not in rt.fetched]
         batch = [rec for rec in batch if rec is not None and rec.status == state.PENDING]
-        by_dir = collections.defaultdict(list)
+        if not batch:
+            return
         for rec in batch:
             rt.fetched.add((server, rec.key))
-            by_dir[os.path.dirname(rec.remote_path)].append(rec)
-        for remote_dir, group in by_dir.items():
-            with rt.slot(server):
+            rt.arrivals[(server, rec.key)] = threading.Event()
+        if rt.fetch_pool is None:
+            rt.fetch_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, len(rt.settings.enabled_servers)), thread_name_prefix="fetch")
+        rt.fetch_futures[server].append(rt.fetch_pool.submit(_fetch_batch, rt, server, batch))
+
+
+def wait_fetched(rt, server, key):
+    """Block until the batch that carries `key` has delivered or given up on it."""
+    event = rt.arrivals.get((server, key))
+    if event is not None:
+        event.wait()
+
+
+def _fetch_batch(rt, server, batch):
+    by_dir = collections.defaultdict(list)
+    for rec in batch:
+        by_dir[os.path.dirname(rec.remote_path)].append(rec)
+    try:
+        with rt.slot(server):
+            for remote_dir, group in by_dir.items():
                 _fetch_dir(rt, server, remote_dir, group)
+    finally:
+        for rec in batch:  # whatever happened, nobody waits forever
+            rt.arrivals[(server, rec.key)].set()
 
 
 def _fetch_dir(rt, server, remote_dir, group):
     settings = rt.settings
     staging = rt.layout.staging(server, remote_dir)
+    incoming = rt.layout.incoming(server)
     conn = rt.connections[server]
     waiting = {os.path.basename(r.remote_path): r for r in group}
-    arrived = []
     started = time.monotonic()
+    arrived = []
+
+    def land(name):
+        """Move a completed file from rsync's landing area into incoming/ and wake its extractor."""
+        rec = waiting.get(name)
+        if rec is None:
+            return
+        try:
+            os.replace(os.path.join(staging, name), os.path.join(incoming, rec.local_name))
+        except FileNotFoundError:
+            return  # not renamed into place yet: the sweep after rsync exits takes it
+        del waiting[name]
+        crashpoint("fetch")
+        if rec.source_path:  # a quarantined copy, superseded by this fresh fetch
+            durable.unlink_durably(rec.source_path)
+        rt._apply(rec, {"status": state.COPIED, "source_path": ""})
+        # Not synced: losing a `copied` record in a crash only means fetching the file again.
+        rt.store.save_unsynced(rec, run_id=rt.run_id)
+        arrived.append(rec)
+        rt.arrivals[(server, rec.key)].set()
+
+    logged = []
+
+    def reported(name):
+        # rsync logs a file just before renaming it into place, and handles files one after the
+        # other: when it reports a file, the ones it reported before are surely in place.
+        logged.append(name)
+        for earlier in [n for n in logged if n in waiting]:
+            land(earlier)
 
     def attempt():
         for rec in waiting.values():
             _count(rec, "fetch")
         try:
-            conn.fetch(remote_dir, sorted(waiting), staging)
+            conn.fetch(remote_dir, sorted(waiting), staging, on_file=reported)
         finally:
             # rsync may fail for some files and still deliver the others: keep what arrived.
             for name in list(waiting):
-                staged = os.path.join(staging, name)
-                if os.path.exists(staged):
-                    rec = waiting.pop(name)
-                    os.replace(staged, os.path.join(rt.layout.incoming(server), rec.local_name))
-                    arrived.append(rec)
-                    crashpoint("fetch")
+                land(name)
 
     def on_failure(exc, number):
         rt.emit(30, f"fetch attempt {number} failed: {exc}", None, server=server, operation="fetch",
@@ -254,26 +307,12 @@ def _fetch_dir(rt, server, remote_dir, group):
         for rec in waiting.values():
             park(rt, rec, "copy", exc)
         waiting.clear()
-    finally:
-        _publish_fetched(rt, server, arrived, started)
     for rec in waiting.values():  # rsync succeeded but the file was not there
         park(rt, rec, "copy", RemoteFileMissing(
             f"{server}:{planning.label(rec.remote_path)}: vanished between listing and fetch"))
-
-
-def _publish_fetched(rt, server, arrived, started):
-    """Files now in incoming/: one syncfs for the data, then their `copied` records in one batch."""
-    if not arrived:
-        return
-    durable.syncfs(rt.settings.data_root)
-    for rec in arrived:
-        if rec.source_path:  # a quarantined copy, superseded by this fresh fetch
-            durable.unlink_durably(rec.source_path)
-        rt._apply(rec, {"status": state.COPIED, "source_path": ""})
-        rt.store.records.setdefault(server, {})[rec.key] = rec
-    rt.store.save_batch(arrived, run_id=rt.run_id)
-    rt.emit(20, f"fetched {len(arrived)} file(s)", None, server=server, operation="fetch",
-            bytes=sum(r.size for r in arrived), duration_ms=round((time.monotonic() - started) * 1000, 1))
+    if arrived:
+        rt.emit(20, f"fetched {len(arrived)} file(s)", None, server=server, operation="fetch",
+                bytes=sum(r.size for r in arrived), duration_ms=round((time.monotonic() - started) * 1000, 1))
 
 
 # --- verify, extract, place: one read of each file ---------------------------------------
@@ -298,8 +337,9 @@ def process_file(server, key):
         rt.save(rec, status=state.PENDING)
         rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
     if rec.status == state.PENDING:
-        ensure_fetched(rt, server, [w.key for w in rt.plans[server].due if w.first == "fetch"] + [key]
-                       if server in rt.plans else [key])
+        plan = rt.plans.get(server)
+        start_fetch(rt, server, [w.key for w in plan.due if w.first == "fetch"] + [key] if plan else [key])
+        wait_fetched(rt, server, key)
         rec = rt.record(server, key)
     with rt.workers, rt.slot(server):
         if rec.status in (state.COPIED, state.VERIFIED):
@@ -428,6 +468,8 @@ RECOVER_HINT = {
 def finish_server(server):
     """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
+    for future in list(rt.fetch_futures.get(server, ())):
+        future.result()
     rt.flush()
     problems, kinds = [], set()
     if server in rt.listing_errors:

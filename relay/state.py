@@ -121,6 +121,17 @@ class Store:
         self.records.setdefault(record.server, {})[record.key] = record
         self._index_stale.add(record.server)
 
+    def save_unsynced(self, record, run_id=None):
+        """Write one record by temp + rename, leaving durability to a later syncfs (or to luck)."""
+        record.updated_at = time.time()
+        record.created_at = record.created_at or record.updated_at
+        if run_id is not None:
+            record.run_id = run_id
+        os.makedirs(self._dir(record.server), exist_ok=True)
+        durable.replace_unsynced(self.path(record), _encoder.encode(_to_disk(record)))
+        self.records.setdefault(record.server, {})[record.key] = record
+        self._index_stale.add(record.server)
+
     def save_batch(self, records, run_id=None):
         """Write many records (temp + rename each), then make them all durable with one syncfs."""
         if not records:

@@ -144,8 +144,10 @@ def doit_config(config_dir=None):
     except ConfigError as exc:
         raise InvalidDodoFile(str(exc)) from None
     return {
-        # The per-server groups, not the `extract` basename: a failed server then gives exit 1, not 2.
-        "default_tasks": [f"extract:{s.name}" for s in rt.settings.enabled_servers],
+        # Every server's fetch first, so that all transfers start at once; then the per-server groups
+        # (not the `extract` basename: a failed server then gives exit 1, not 2).
+        "default_tasks": [f"{stage}:{s.name}" for stage in ("fetch", "extract")
+                          for s in rt.settings.enabled_servers],
         "dep_file": os.path.join(rt.settings.state_dir, "doit.db"),
         "backend": "sqlite3",
         # Fetch tasks mostly wait on the network: one extra thread per server lets all servers'
@@ -195,8 +197,9 @@ def extract_tasks(plans):
         for work in plan.due:
             name = f"{server}/{labels[work.key]}"
             names.append(f"extract:{name}")
-            deps = [f"fetch:{server}"] if work.first == "fetch" else []
-            yield {"name": name, "actions": [(stages.process_file, [server, work.key])], "task_dep": deps,
+            # No task_dep on fetch:<server>: the action waits for its own file only, so extraction
+            # overlaps the rest of the server's transfer.
+            yield {"name": name, "actions": [(stages.process_file, [server, work.key])],
                    "uptodate": [False], "io": NO_CAPTURE, "doc": f"verify, extract and file {server}:{labels[work.key]}"}
         for rec in plan.parked:
             name = f"{server}/{labels[rec.key]}"
