@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import os
+import time
 import zlib
 
 try:
@@ -49,9 +50,16 @@ def output_name(name, fmt):
     return name + ".out"
 
 
-def _free_bytes(directory):
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
+_free_cache = {}  # directory -> (monotonic time, free bytes): statvfs per small file is wasted work
+
+
+def _free_bytes(directory, max_age=0.5):
+    now = time.monotonic()
+    cached = _free_cache.get(directory)
+    if cached is None or now - cached[0] > max_age:
+        st = os.statvfs(directory)
+        cached = _free_cache[directory] = (now, st.f_bavail * st.f_frsize)
+    return cached[1]
 
 
 class Inflated(tuple):
@@ -120,7 +128,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
                     raise CorruptArchive(f"{name}: output exceeds max_extracted_bytes ({max_bytes}); "
                                          "treated as a decompression bomb")
                 if written > budget:
-                    budget = _free_bytes(directory) - min_free + written
+                    budget = _free_bytes(directory, max_age=0) - min_free + written
                     if written > budget:
                         raise ArchiveError(f"{directory}: not enough free space to extract {name} "
                                            f"(min_free_bytes {min_free}); free some space and rerun")

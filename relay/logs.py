@@ -57,10 +57,13 @@ def setup(log_dir, log_format="json", level="INFO"):
     file_handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "logpipe-relay.log"),
                                                        encoding="utf-8", errors="backslashreplace")
     file_handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    # Lines are written in batches (a flush per line costs more than the work it describes);
+    # a warning or an error flushes at once, and so does the end of the process.
+    buffered = logging.handlers.MemoryHandler(capacity=256, flushLevel=logging.WARNING, target=file_handler)
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(TextFormatter())
-    logger.addHandler(file_handler)
+    logger.addHandler(buffered)
     logger.addHandler(console)
     logger.setLevel(level)
     logger.propagate = False

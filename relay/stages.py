@@ -24,6 +24,9 @@ _encoder = msgspec.json.Encoder()
 FLUSH_RECORDS = 512
 FLUSH_SECONDS = 1.0
 FLUSH_BYTES = 256 * 2**20
+# Files at least this big (compressed) are extracted in a background thread: their work is in C,
+# so threads use both cores; small files cost more in hand-offs than they gain.
+BACKGROUND_BYTES = 256 * 2**10
 
 
 class Runtime:
@@ -44,6 +47,9 @@ class Runtime:
         self.arrivals = {}  # (server, key) -> Event set when the file is in incoming/ (or given up)
         self.fetch_pool = None
         self.fetch_futures = collections.defaultdict(list)
+        self.extract_pool = None
+        self.extract_futures = collections.defaultdict(list)
+        self.awaited = set()  # servers whose extract:<server> group runs this invocation and waits
         self._locks = collections.defaultdict(threading.Lock)
         self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
         self.workers = threading.BoundedSemaphore(settings.max_workers)  # the global cap on extraction
@@ -205,8 +211,9 @@ def fetch_server(server, only=""):
                               f"(due: {', '.join(sorted(labels)) or 'none'}); see `doit list --all`")
         keys = [labels[only]]
     start_fetch(rt, server, keys)
-    for future in list(rt.fetch_futures.get(server, ())):
-        future.result()
+    if server not in rt.awaited or only:
+        for future in list(rt.fetch_futures.get(server, ())):
+            future.result()
     return True
 
 
@@ -320,22 +327,36 @@ def _fetch_dir(rt, server, remote_dir, group):
 def process_file(server, key):
     """doit action of `extract:<server>/<file>`: bring one file through whatever stages remain.
 
-    Returns `{"parked": bool}`: doit keeps it, and `recorded_parked` reads it back to leave a parked
-    file alone until `doit forget` drops that value.
+    A large file is extracted in a background thread when this run's `extract:<server>` group will
+    wait for it (and report its outcome); small ones are done here, at once. Always returns
+    {"ran": True}: doit keeps it, and `recorded_run` reads it back to leave a parked file alone until
+    `doit forget` drops it.
     """
     rt = _rt()
     rec = rt.record(server, key)
     if rec is None:
-        return {"parked": False}
+        return {"ran": True}
     if rec.parked:
         if rec.run_id == rt.run_id:
-            return {"parked": True}  # parked by this very run: it waits for an explicit recovery
+            return {"ran": True}  # parked by this very run: it waits for an explicit recovery
         rec = unpark(rt, rec)
     if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED)
             and not os.path.exists(os.path.join(rt.layout.incoming(server), rec.local_name))):
         # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
         rt.save(rec, status=state.PENDING)
         rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
+    if server in rt.awaited and rec.size >= BACKGROUND_BYTES:
+        if rt.extract_pool is None:
+            rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=rt.settings.max_workers, thread_name_prefix="extract")
+        rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
+    else:
+        _advance(rt, server, key)
+    return {"ran": True}
+
+
+def _advance(rt, server, key):
+    rec = rt.record(server, key)
     if rec.status == state.PENDING:
         plan = rt.plans.get(server)
         start_fetch(rt, server, [w.key for w in plan.due if w.first == "fetch"] + [key] if plan else [key])
@@ -348,12 +369,11 @@ def process_file(server, key):
             _place(rt, rec)
             rt.defer(rec, nbytes=rec.extracted_size, status=state.PROCESSED)
             rt.emit(20, "processed", rec, operation="extract", bytes=rec.extracted_size)
-    return {"parked": rec.parked}
 
 
-def recorded_parked(task, values):
-    """doit uptodate check: True while doit remembers that this file's task left it parked."""
-    return values.get("parked") is True
+def recorded_run(task, values):
+    """doit uptodate check of a parked file's task: True while doit remembers running it."""
+    return values.get("ran") is True
 
 
 def _changed_locally(rt, rec, st):
@@ -468,7 +488,7 @@ RECOVER_HINT = {
 def finish_server(server):
     """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
-    for future in list(rt.fetch_futures.get(server, ())):
+    for future in [*rt.fetch_futures.get(server, ()), *rt.extract_futures.get(server, ())]:
         future.result()
     rt.flush()
     problems, kinds = [], set()

@@ -3,6 +3,8 @@
 import concurrent.futures
 import fcntl
 import os
+import re
+import sys
 import time
 
 from doit.exceptions import InvalidDodoFile
@@ -143,6 +145,7 @@ def doit_config(config_dir=None):
         rt = load(config_dir, process_incoming=incoming)
     except ConfigError as exc:
         raise InvalidDodoFile(str(exc)) from None
+    rt.awaited = awaited_servers(sys.argv[1:], [s.name for s in rt.settings.enabled_servers])
     return {
         # Every server's fetch first, so that all transfers start at once; then the per-server groups
         # (not the `extract` basename: a failed server then gives exit 1, not 2).
@@ -150,13 +153,26 @@ def doit_config(config_dir=None):
                           for s in rt.settings.enabled_servers],
         "dep_file": os.path.join(rt.settings.state_dir, "doit.db"),
         "backend": "sqlite3",
-        # Fetch tasks mostly wait on the network: one extra thread per server lets all servers'
-        # transfers run at once; extraction itself stays capped at max_workers inside the actions.
-        "num_process": rt.settings.max_workers + len(rt.settings.enabled_servers),
+        # doit dispatches sequentially (its per-task bookkeeping fights worker threads for the GIL);
+        # transfers and large extractions run in our own threads, capped by max_workers.
+        "num_process": 0,
         "par_type": "thread",
         "check_file_uptodate": "timestamp",
         "continue": True,  # one failing server must not stop the others
     }
+
+
+def awaited_servers(argv, servers):
+    """Servers whose `extract:<server>` group runs in this invocation (it waits for their background work).
+
+    doit does not tell a task what else was selected, so read the task names off the command line:
+    none means the default tasks, i.e. every server."""
+    names = [a for a in argv if re.match(r"^(fetch|extract|recover)(:|$)", a)]
+    if not names:
+        return set(servers)
+    if "extract" in names:
+        return set(servers)
+    return {n.split(":", 1)[1] for n in names if n.startswith("extract:") and "/" not in n} & set(servers)
 
 
 # --- task generators (pure: they only read the plans) ------------------------------------------
@@ -206,7 +222,7 @@ def extract_tasks(plans):
             names.append(f"extract:{name}")
             # Up to date while doit remembers parking it: `doit forget` sends it through again.
             yield {"name": name, "actions": [(stages.process_file, [server, rec.key])],
-                   "uptodate": [stages.recorded_parked], "io": NO_CAPTURE,
+                   "uptodate": [stages.recorded_run], "io": NO_CAPTURE,
                    "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
         yield {"name": server, "actions": [(stages.finish_server, [server])],
                "task_dep": [f"fetch:{server}", *names], "uptodate": [False], "io": NO_CAPTURE,

@@ -321,3 +321,14 @@ def test_versioned_names_and_labels():
     assert planning.versioned("app.log.gz", 2, "abcdef0123456789") == "app.log.abcdef012345.gz"
     assert planning.label(os.fsdecode(b"caf\xe9.gz")) == "caf\\xe9.gz"
     assert planning.label("new\nline") == "new\\x0aline"
+
+
+def test_awaited_servers_read_from_the_command_line():
+    from relay.tasks import awaited_servers
+    servers = ["srv1", "srv2"]
+    assert awaited_servers([], servers) == {"srv1", "srv2"}
+    assert awaited_servers(["run", "-n", "1", "incoming=no"], servers) == {"srv1", "srv2"}
+    assert awaited_servers(["run", "extract:srv1"], servers) == {"srv1"}
+    assert awaited_servers(["run", "extract"], servers) == {"srv1", "srv2"}
+    assert awaited_servers(["run", "extract:srv1/a.gz"], servers) == set()
+    assert awaited_servers(["run", "fetch:srv2", "--only", "x.gz"], servers) == set()
