@@ -80,14 +80,15 @@ def plan_server(server, records, entries, incoming, now, min_age):
     """
     plan = Plan(server=server)
     claims = _claims(records)
+    by_path = {r.remote_path: r for r in records.values() if r.origin == "remote"}
     seen = set()
     for entry in entries or ():
         if entry.kind != "f":
             plan.skipped.append(Skip(entry.path, f"not a regular file (type {entry.kind})"))
             continue
-        key = state.record_key(server, "remote", entry.path)
+        record = by_path.get(entry.path)
+        key = record.key if record is not None else state.record_key(server, "remote", entry.path)
         seen.add(key)
-        record = records.get(key)
         young = now - float(entry.mtime) < min_age
         if record is None:
             if young:

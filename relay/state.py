@@ -74,9 +74,10 @@ def _to_disk(record):
 
 
 def _from_disk(record):
-    for name, value in record.raw.items():
-        setattr(record, name, os.fsdecode(value))
-    record.raw = {}
+    if record.raw:
+        for name, value in record.raw.items():
+            setattr(record, name, os.fsdecode(value))
+        record.raw = {}
     return record
 
 
@@ -88,7 +89,13 @@ class _IndexEntry(msgspec.Struct, array_like=True):
 
 # The index is a cache for speed only, so it uses the faster MessagePack encoding.
 _index_encoder = msgspec.msgpack.Encoder()
-_index_decoder = msgspec.msgpack.Decoder(dict[str, _IndexEntry])
+class _Index(msgspec.Struct):
+    dir_mtime_ns: int  # of the records directory when the index was written: every record write
+    count: int         # renames a file into it, so an unchanged mtime means unchanged records
+    entries: dict[str, _IndexEntry]
+
+
+_index_decoder = msgspec.msgpack.Decoder(_Index)
 
 
 class Store:
@@ -162,11 +169,19 @@ class Store:
         """All records of `server`, by key; decodes only the record files changed since the index."""
         index = self._read_index(server)
         records = self.records[server] = {}
+        directory = self._dir(server)
         try:
-            entries = list(os.scandir(self._dir(server)))
+            dir_mtime = os.stat(directory).st_mtime_ns
         except FileNotFoundError:
             return records
-        for entry in entries:
+        if index is not None and index.dir_mtime_ns == dir_mtime:
+            for key, cached in index.entries.items():
+                records[key] = _from_disk(cached.record)
+            if len(records) == index.count:
+                return records
+            records.clear()
+        cached_entries = index.entries if index is not None else {}
+        for entry in os.scandir(directory):
             if entry.name.startswith(".tmp-"):
                 os.unlink(entry.path)  # an atomic write a crash interrupted
                 continue
@@ -174,24 +189,22 @@ class Store:
                 continue
             key = entry.name[:-5]
             st = entry.stat()
-            cached = index.get(key)
+            cached = cached_entries.get(key)
             if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
                 records[key] = _from_disk(cached.record)
             else:
                 record = self.get(server, key)
                 if record is not None:
                     records[key] = record
-                    self._index_stale.add(server)
-        if len(index) != len(records):
-            self._index_stale.add(server)
+        self._index_stale.add(server)
         return records
 
     def _read_index(self, server):
         try:
             with open(self._index_path(server), "rb") as fh:
                 return _index_decoder.decode(fh.read())
-        except (FileNotFoundError, msgspec.DecodeError):
-            return {}
+        except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
 
     def write_index(self, server):
         """Rewrite the load-speed index of `server` from the records this process knows, if it changed."""
@@ -199,6 +212,10 @@ class Store:
             return
         self._index_stale.discard(server)
         entries = {}
+        try:
+            dir_mtime = os.stat(self._dir(server)).st_mtime_ns
+        except FileNotFoundError:
+            return
         for key, record in self.records.get(server, {}).items():
             try:
                 st = os.stat(self.path(record))
@@ -209,5 +226,5 @@ class Store:
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
         tmp = self._index_path(server) + ".tmp"
         with open(tmp, "wb") as fh:
-            fh.write(_index_encoder.encode(entries))
+            fh.write(_index_encoder.encode(_Index(dir_mtime, len(entries), entries)))
         os.replace(tmp, self._index_path(server))
