@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import shlex
+import sys
 import tempfile
 import threading
 
@@ -139,13 +140,13 @@ def glob_escape(path):
 
 
 def parse_listing(raw):
-    """Entries from the NUL-separated listing output; names keep every byte."""
+    """Entries from the NUL-separated listing output; names keep every byte (surrogate-escaped)."""
+    encoding = sys.getfilesystemencoding()
     entries = []
     for chunk in raw.split(b"\0"):
-        if not chunk:
-            continue
-        kind, size, mtime, path = chunk.split(b" ", 3)
-        entries.append(Entry(kind.decode(), int(size), mtime.decode(), os.fsdecode(path)))
+        if chunk:
+            kind, size, mtime, path = chunk.split(b" ", 3)
+            entries.append(Entry(kind.decode(), int(size), mtime.decode(), path.decode(encoding, "surrogateescape")))
     return entries
 
 

@@ -61,6 +61,8 @@ _record_decoder = msgspec.json.Decoder(Record)
 
 def _to_disk(record):
     """A copy safe for JSON: non-UTF-8 strings shown escaped, their exact bytes kept in `raw`."""
+    if type(record) is not Record:  # a record loaded from the index: written out as a plain object
+        record = Record(**msgspec.structs.asdict(record))
     raw, changes = {}, {}
     for name in record.__struct_fields__:
         value = getattr(record, name)
@@ -81,10 +83,14 @@ def _from_disk(record):
     return record
 
 
+class _PackedRecord(Record, array_like=True):
+    """A Record stored as an array in the index: the same fields, about twice as fast to decode."""
+
+
 class _IndexEntry(msgspec.Struct, array_like=True):
     mtime_ns: int
     size: int
-    record: Record
+    record: _PackedRecord
 
 
 # The index is a cache for speed only, so it uses the faster MessagePack encoding.
@@ -221,7 +227,8 @@ class Store:
                 st = os.stat(self.path(record))
             except FileNotFoundError:
                 continue
-            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size, _to_disk(record))
+            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size,
+                                       _PackedRecord(**msgspec.structs.asdict(_to_disk(record))))
         os.makedirs(os.path.dirname(self._index_path(server)), exist_ok=True)
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
         tmp = self._index_path(server) + ".tmp"
