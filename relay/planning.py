@@ -55,8 +55,25 @@ def versioned(name, generation, sha256):
     return f"{stem}.{tag}.{suffix}" if dot and stem else f"{name}.{tag}"
 
 
-def _claims(records):
-    return {r.local_name: r.key for r in records.values() if r.local_name}
+class _Claims(dict):
+    """local name -> key of the record that uses it; built on first use (a no-op run never needs it)."""
+
+    def __init__(self, records):
+        super().__init__()
+        self._records = records
+
+    def _fill(self):
+        if self._records is not None:
+            records, self._records = self._records, None
+            self.update({r.local_name: r.key for r in records.values() if r.local_name})
+
+    def get(self, name, default=None):
+        self._fill()
+        return super().get(name, default)
+
+    def __setitem__(self, name, key):
+        self._fill()
+        super().__setitem__(name, key)
 
 
 def _local_name(entry_path, key, claims):
@@ -79,7 +96,7 @@ def plan_server(server, records, entries, incoming, now, min_age):
     `incoming`: (name, size, mtime) of files found in incoming/<server>/, or None when switched off.
     """
     plan = Plan(server=server)
-    claims = _claims(records)
+    claims = _Claims(records)
     by_path = {r.remote_path: r for r in records.values() if r.origin == "remote"}
     seen = set()
     for entry in entries or ():
