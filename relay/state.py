@@ -122,46 +122,30 @@ class Store:
         """Where `record` lives on disk."""
         return os.path.join(self._dir(record.server), f"{record.key}.json")
 
-    def save(self, record, run_id=None):
-        """Write `record` atomically and durably."""
-        record.updated_at = time.time()
-        if not record.created_at:
-            record.created_at = record.updated_at
-        if run_id is not None:
-            record.run_id = run_id
-        os.makedirs(self._dir(record.server), exist_ok=True)
-        durable.write_atomic(self.path(record), _encoder.encode(_to_disk(record)))
-        self.records.setdefault(record.server, {})[record.key] = record
-        self._index_stale.add(record.server)
-
-    def save_unsynced(self, record, run_id=None):
-        """Write one record by temp + rename, leaving durability to a later syncfs (or to luck)."""
+    def _write(self, record, run_id, writer):
         record.updated_at = time.time()
         record.created_at = record.created_at or record.updated_at
         if run_id is not None:
             record.run_id = run_id
         os.makedirs(self._dir(record.server), exist_ok=True)
-        durable.replace_unsynced(self.path(record), _encoder.encode(_to_disk(record)))
+        writer(self.path(record), _encoder.encode(_to_disk(record)))
         self.records.setdefault(record.server, {})[record.key] = record
         self._index_stale.add(record.server)
 
+    def save(self, record, run_id=None):
+        """Write `record` atomically and durably (fsync)."""
+        self._write(record, run_id, durable.write_atomic)
+
+    def save_unsynced(self, record, run_id=None):
+        """Write one record by temp + rename, leaving durability to a later syncfs (or to luck)."""
+        self._write(record, run_id, durable.replace_unsynced)
+
     def save_batch(self, records, run_id=None):
         """Write many records (temp + rename each), then make them all durable with one syncfs."""
-        if not records:
-            return
-        now = time.time()
-        made = set()
         for record in records:
-            record.updated_at = now
-            record.created_at = record.created_at or now
-            if run_id is not None:
-                record.run_id = run_id
-            if record.server not in made:
-                os.makedirs(self._dir(record.server), exist_ok=True)
-                made.add(record.server)
-            durable.replace_unsynced(self.path(record), _encoder.encode(_to_disk(record)))
-            self._index_stale.add(record.server)
-        durable.syncfs(self.state_dir)
+            self._write(record, run_id, durable.replace_unsynced)
+        if records:
+            durable.syncfs(self.state_dir)
 
     def get(self, server, key) -> Optional[Record]:
         """Read one record fresh from disk, or None."""
