@@ -315,9 +315,7 @@ class Connection:
         on_line = None
         if on_file is not None:
             argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
-
-            def on_line(line):
-                on_file(decode_rsync_name(line))
+            on_line = lambda line: on_file(decode_rsync_name(line))  # noqa: E731
         code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
                             on_line=on_line)
         if code != 0:

@@ -10,7 +10,7 @@ import time
 
 from doit.exceptions import InvalidDodoFile
 
-from . import logs, planning, stages, state
+from . import logs, planning, stages
 from .config import load_settings
 from .errors import ConfigError, RemoteError
 from .layout import ERROR_KINDS
