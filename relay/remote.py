@@ -4,6 +4,7 @@ import hashlib
 import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 import threading
@@ -37,6 +38,18 @@ def control_dir(state_dir):
         return candidate
     digest = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
     return os.path.join(tempfile.gettempdir(), f"logpipe-relay-{os.getuid()}-{digest}")
+
+
+def private_dir(path):
+    """Create `path` as a 0700 directory of ours; refuse one someone else made (it may be in /tmp)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise RemoteError(f"{path}: the SSH control-socket directory is not a directory owned by this "
+                          "user; remove it (someone else may have created it)")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
 
 
 def ssh_options(settings, server, sockets):
@@ -231,8 +244,7 @@ class Connection:
         return "sshpass+ssh" if self.server.auth == "password" else "ssh"
 
     def _master_alive(self):
-        os.makedirs(self.sockets, mode=0o700, exist_ok=True)
-        os.chmod(self.sockets, 0o700)
+        private_dir(self.sockets)
         code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
                           deadline=self.settings.ssh_connect_timeout + 5, secret=False)
         if code != 0:

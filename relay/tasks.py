@@ -51,16 +51,18 @@ def release_lock():
 
 
 def sweep(rt):
-    """Remove temp files a killed run left behind: partial extractions, rsync temps, record temps."""
+    """Remove temp files a killed run left behind: partial extractions, rsync temps, marker temps.
+
+    Only names we create are touched: a parked file may itself start with a dot."""
     removed = 0
+    patterns = [(os.path.join(rt.settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
+                (os.path.join(rt.settings.tmp_dir, "fetch"), lambda n: n.startswith(".")),
+                (os.path.join(rt.settings.data_root, "error"), lambda n: n.startswith(".tmp-"))]
     # Record temps are swept by Store.load_server, which lists those directories anyway.
-    roots = [os.path.join(rt.settings.tmp_dir, "extract"), os.path.join(rt.settings.tmp_dir, "fetch"),
-             os.path.join(rt.settings.data_root, "error")]
-    for root in roots:
+    for root, stale in patterns:
         for dirpath, _, files in os.walk(root):
             for name in files:
-                stale = name.endswith(".part") if root.endswith("extract") else name.startswith(".")
-                if stale:
+                if stale(name):
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
     if removed:

@@ -230,3 +230,14 @@ def test_host_key_mismatch_is_refused(env, tmp_path):
     assert proc.returncode == 1
     assert "host key" in proc.stdout + proc.stderr
     assert not (env.data / "extracted" / "srv1" / "a").exists()
+
+
+def test_parked_dot_file_survives_the_temp_sweep(env):
+    bad = env.remote("srv1") / ".hidden.gz"
+    bad.write_bytes(gzip.compress(logs("h"))[:100])
+    os.utime(bad, (1_700_000_000, 1_700_000_000))
+    assert env.doit("run").returncode == 1
+    parked = env.data / "error" / "quarantine" / "srv1" / ".hidden.gz"
+    assert parked.read_bytes() == bad.read_bytes()
+    env.doit("run", check=0)
+    assert parked.read_bytes() == bad.read_bytes()

@@ -332,3 +332,12 @@ def test_awaited_servers_read_from_the_command_line():
     assert awaited_servers(["run", "extract"], servers) == {"srv1", "srv2"}
     assert awaited_servers(["run", "extract:srv1/a.gz"], servers) == set()
     assert awaited_servers(["run", "fetch:srv2", "--only", "x.gz"], servers) == set()
+
+
+def test_control_socket_directory_must_be_ours(tmp_path):
+    path = tmp_path / "sockets"
+    assert remote.private_dir(str(path)) == str(path)
+    assert (path.stat().st_mode & 0o777) == 0o700
+    os.chown(path, 12345, 12345)
+    with pytest.raises(remote.RemoteError, match="not a directory owned by this user"):
+        remote.private_dir(str(path))
