@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib 
 from .errors import ArchiveError, CorruptArchive
 from .faults import crashpoint
 
-CHUNK = 1 << 20
+CHUNK = 1 << 18  # 256 KiB pieces stay in cache between inflate, hash and write (measured faster than 1 MiB)
 MAGIC = {b"\x1f\x8b": "gzip"}
 SUPPORTED = ("gzip",)
 SUFFIXES = {"gzip": (".gz", ".gzip")}
