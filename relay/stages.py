@@ -51,7 +51,8 @@ class Runtime:
         self.extract_futures = collections.defaultdict(list)
         self.awaited = set()  # servers whose extract:<server> group runs this invocation and waits
         self._locks = collections.defaultdict(threading.Lock)
-        self._slots = collections.defaultdict(lambda: threading.BoundedSemaphore(settings.max_per_server))
+        # Made up front: creating them on first use from several threads could make two for one server.
+        self._slots = {s.name: threading.BoundedSemaphore(settings.max_per_server) for s in settings.servers}
         self.workers = threading.BoundedSemaphore(settings.max_workers)  # the global cap on extraction
         self._sha_owner = {}  # server -> sha256 -> key
         self._owners = {}  # server -> path under the data tree -> key
@@ -229,9 +230,10 @@ def start_fetch(rt, server, keys):
         for rec in batch:
             rt.fetched.add((server, rec.key))
             rt.arrivals[(server, rec.key)] = threading.Event()
-        if rt.fetch_pool is None:
-            rt.fetch_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, len(rt.settings.enabled_servers)), thread_name_prefix="fetch")
+        with rt._locks["pool"]:
+            if rt.fetch_pool is None:
+                rt.fetch_pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(1, len(rt.settings.enabled_servers)), thread_name_prefix="fetch")
         rt.fetch_futures[server].append(rt.fetch_pool.submit(_fetch_batch, rt, server, batch))
 
 
