@@ -21,8 +21,8 @@ from .retry import call_with_retry
 _encoder = msgspec.json.Encoder()
 
 # Finished records are made durable in batches: at most this many, or this old, before a flush.
-FLUSH_RECORDS = 512
-FLUSH_SECONDS = 1.0
+FLUSH_RECORDS = 4096
+FLUSH_SECONDS = 5.0
 FLUSH_BYTES = 256 * 2**20
 # Files at least this big (compressed) are extracted in a background thread: their work is in C,
 # so threads use both cores; small files cost more in hand-offs than they gain.
