@@ -232,8 +232,10 @@ def start_fetch(rt, server, keys):
             rt.arrivals[(server, rec.key)] = threading.Event()
         with rt._locks["pool"]:
             if rt.fetch_pool is None:
+                # One transfer per server at once; a sequential run (max_workers 1) takes servers in turn.
+                servers = 1 if rt.settings.max_workers == 1 else len(rt.settings.enabled_servers)
                 rt.fetch_pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=max(1, len(rt.settings.enabled_servers)), thread_name_prefix="fetch")
+                    max_workers=max(1, servers), thread_name_prefix="fetch")
         rt.fetch_futures[server].append(rt.fetch_pool.submit(_fetch_batch, rt, server, batch))
 
 

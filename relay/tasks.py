@@ -8,6 +8,7 @@ import re
 import sys
 import time
 
+import msgspec
 from doit.exceptions import InvalidDodoFile
 
 from . import logs, planning, stages
@@ -100,9 +101,13 @@ def _list_server(rt, server):
         return None
 
 
-def load(config_dir=None, environ=None, process_incoming=None, now=None):
-    """Validate config, take the lock, load state, list every enabled server and plan the run."""
+def load(config_dir=None, environ=None, process_incoming=None, now=None, sequential=False):
+    """Validate config, take the lock, load state, list every enabled server and plan the run.
+
+    `sequential`: one server and one file at a time (the user's `run --sequential`)."""
     settings = load_settings(config_dir, environ)
+    if sequential:
+        settings = msgspec.structs.replace(settings, max_workers=1, max_per_server=1)
     for path in (settings.state_dir, settings.log_dir, settings.tmp_dir):
         os.makedirs(path, exist_ok=True)
     acquire_lock(settings.state_dir)
@@ -139,18 +144,23 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None):
     return rt
 
 
+def _yes(value):
+    return value.lower() not in ("0", "no", "false", "off", "")
+
+
 def doit_config(config_dir=None):
     """Load the run (or fail as a doit user error) and return DOIT_CONFIG."""
     try:
         from doit import get_var
         incoming = get_var("incoming", None)
+        sequential = get_var("sequential", None)
         config_dir = config_dir or get_var("config", None)
     except Exception:  # noqa: BLE001 - get_var is only usable under the doit command
-        incoming = None
+        incoming = sequential = None
     if incoming is not None:
-        incoming = incoming.lower() not in ("0", "no", "false", "off")
+        incoming = _yes(incoming)
     try:
-        rt = load(config_dir, process_incoming=incoming)
+        rt = load(config_dir, process_incoming=incoming, sequential=bool(sequential and _yes(sequential)))
     except ConfigError as exc:
         raise InvalidDodoFile(str(exc)) from None
     rt.awaited = awaited_servers(sys.argv[1:], [s.name for s in rt.settings.enabled_servers])

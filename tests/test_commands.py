@@ -20,14 +20,27 @@ def put(env, server, name, seed):
 
 
 def test_run_with_config_dir_variable_and_sequential(env, tmp_path):
-    """bin/run --config-dir DIR --sequential  ==  doit run -n 1 config=DIR"""
+    """bin/run --config-dir DIR --sequential  ==  doit run config=DIR sequential=yes"""
     put(env, "srv1", "a.gz", "a")
     moved = tmp_path / "other-conf"
     shutil.copytree(env.conf, moved)
     environ = env.environ()
     environ.pop("RELAY_CONFIG_DIR")
-    env.doit("run", "-n", "1", f"config={moved}", env=environ, check=0)
+    put(env, "srv3", "c.gz", "c")
+    env.doit("run", f"config={moved}", "sequential=yes", env=environ, check=0)
     assert (env.data / "extracted" / "srv1" / "a").read_bytes() == data("a")
+    assert (env.data / "extracted" / "srv3" / "c").read_bytes() == data("c")
+
+
+def test_sequential_means_one_file_and_one_server_at_a_time(env):
+    from relay import stages, tasks
+    rt = tasks.load(str(env.conf), environ=env.environ(), sequential=True)
+    try:
+        assert rt.settings.max_workers == 1 and rt.settings.max_per_server == 1
+        assert rt.workers._initial_value == 1
+    finally:
+        tasks.release_lock()
+        stages.RUNTIME = None
 
 
 def test_collect_one_file(env):
