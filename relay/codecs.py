@@ -30,18 +30,6 @@ def detect_format(head):
     return ""
 
 
-def hash_and_detect(path):
-    """SHA256 of the file's bytes and its format, in one read."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        head = fh.read(CHUNK)
-        fmt = detect_format(head)
-        while head:
-            digest.update(head)
-            head = fh.read(CHUNK)
-    return digest.hexdigest(), fmt
-
-
 def output_name(name, fmt):
     """The extracted file's name: the compression suffix dropped, or `.out` added."""
     for suffix in SUFFIXES.get(fmt, ()):

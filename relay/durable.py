@@ -13,15 +13,6 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def fsync_file(path):
-    """Flush one file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path, data):
     """Replace `path` with `data` so that a crash leaves either the old or the new bytes."""
     directory = os.path.dirname(path)

@@ -6,7 +6,6 @@ import msgspec
 from . import state
 from .state import Record
 
-STAGES = ("fetch", "verify", "extract")
 # The first stage still to run for a record in each status.
 NEXT_STAGE = {state.PENDING: "fetch", state.COPIED: "verify", state.VERIFIED: "extract",
               state.EXTRACTED: "extract"}
