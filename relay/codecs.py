@@ -5,6 +5,7 @@ import hashlib
 import os
 import time
 import zlib
+from typing import NamedTuple
 
 try:
     from isal import isal_zlib as _zlib
@@ -50,14 +51,13 @@ def _free_bytes(directory, max_age=0.5):
     return cached[1]
 
 
-class Inflated(tuple):
-    """(sha256 of the compressed bytes, format, extracted size, sha256 of the extracted bytes)."""
+class Inflated(NamedTuple):
+    """What one read of a compressed file gave."""
 
-    __slots__ = ()
-    sha256 = property(lambda self: self[0])
-    format = property(lambda self: self[1])
-    size = property(lambda self: self[2])
-    out_sha256 = property(lambda self: self[3])
+    sha256: str  # of the compressed bytes
+    format: str
+    size: int  # of the extracted bytes
+    out_sha256: str
 
 
 def _gzip_members(chunks, src):
@@ -138,7 +138,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
     except BaseException:
         _discard(dst_tmp)
         raise
-    return Inflated((in_sha.hexdigest(), fmt, written, out_sha.hexdigest()))
+    return Inflated(in_sha.hexdigest(), fmt, written, out_sha.hexdigest())
 
 
 def _discard(path):

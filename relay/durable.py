@@ -1,5 +1,6 @@
 """Crash-safe file publication: write to a temp path on the same filesystem, fsync, rename, fsync the directory."""
 
+import ctypes
 import os
 import tempfile
 
@@ -52,15 +53,11 @@ def _unlink_quietly(path):
         return False
 
 
-_libc = None
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def syncfs(path):
     """Flush every dirty page and entry of the filesystem holding `path` (one call for a batch)."""
-    global _libc
-    import ctypes
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
         if not hasattr(_libc, "syncfs"):  # pragma: no cover - not Linux
