@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 
 SANDBOX_USER = "logpipe-test"
 _PASSWORD_FILE = "/var/lib/logpipe-relay-sandbox/password"
@@ -239,14 +240,13 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 def log_lines(rng, count, start=1_700_000_000):
     """`count` combined-format access-log lines: a pool of client IPs, varied paths, statuses, agents
     and referers, increasing timestamps; compresses about 10x like real access logs."""
-    import time as _time
     clients = [f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
                for _ in range(300)]
     out = []
     stamp = start
     for _ in range(count):
         stamp += rng.choice((0, 0, 1, 1, 2))
-        t = _time.gmtime(stamp)
+        t = time.gmtime(stamp)
         when = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
         ip = clients[min(int(rng.expovariate(1 / 40)), len(clients) - 1)]
         status = rng.choices((200, 301, 304, 404, 500), (80, 5, 8, 5, 2))[0]

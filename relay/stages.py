@@ -50,6 +50,7 @@ class Runtime:
         self.extract_pool = None
         self.extract_futures = collections.defaultdict(list)
         self.awaited = set()  # servers whose extract:<server> group runs this invocation and waits
+        self.prepare = None  # one-off work before the first action (set by relay.tasks.load)
         self._locks = collections.defaultdict(threading.Lock)
         # Made up front: creating them on first use from several threads could make two for one server.
         self._slots = {s.name: threading.BoundedSemaphore(settings.max_per_server) for s in settings.servers}
@@ -150,9 +151,17 @@ RUNTIME = None  # set by relay.tasks when the dodo file loads, or by tests
 
 
 def _rt():
-    if RUNTIME is None:
+    """The run's Runtime, its data tree made and stale temps swept before the first action works.
+
+    Done here rather than at load time, so that `doit list`, `info` and `forget` write nothing."""
+    rt = RUNTIME
+    if rt is None:
         raise RuntimeError("relay.stages.RUNTIME is not set")
-    return RUNTIME
+    with rt._locks["prepare"]:
+        if rt.prepare is not None:
+            rt.prepare, prepare = None, rt.prepare
+            prepare()
+    return rt
 
 
 # --- parking -----------------------------------------------------------------------------
@@ -380,7 +389,7 @@ def recorded_run(task, values):
     return values.get("ran") is True
 
 
-def _changed_locally(rt, rec, st):
+def _changed_locally(rec, st):
     if rec.origin == "remote":
         return (st.st_size, int(st.st_mtime)) != (rec.size, int(float(rec.mtime)))
     return st.st_size != rec.size
@@ -398,7 +407,7 @@ def _extract(rt, rec):
         else:
             rt.emit(30, "dropped file disappeared before it was extracted", rec, operation="verify")
         return
-    if _changed_locally(rt, rec, st):
+    if _changed_locally(rec, st):
         # The file changed between the listing and the transfer: leave it for a later, stable run.
         if rec.origin == "remote":
             durable.unlink_durably(src)

@@ -73,7 +73,11 @@ def sweep(rt):
 def scan_incoming(rt, server):
     """(name, size, mtime) of regular files in incoming/<server>/; other kinds are logged and skipped."""
     found = []
-    for entry in os.scandir(rt.layout.incoming(server)):
+    try:
+        entries = list(os.scandir(rt.layout.incoming(server)))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
         if entry.is_file(follow_symlinks=False):
             st = entry.stat(follow_symlinks=False)
             found.append((entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
@@ -114,8 +118,6 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     logs.setup(settings.log_dir, settings.log_format, settings.log_level)
     rt = stages.Runtime(settings)
     servers = settings.enabled_servers
-    rt.layout.make_tree(s.name for s in servers)
-    sweep(rt)
     if process_incoming is None:
         process_incoming = settings.process_incoming
     # Loading builds tens of thousands of small objects that live for the whole run: the cyclic
@@ -140,6 +142,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     pool.shutdown()
     gc.freeze()
     gc.enable()
+    rt.prepare = lambda: (rt.layout.make_tree(s.name for s in servers), sweep(rt))
     stages.RUNTIME = rt
     return rt
 
@@ -267,4 +270,4 @@ def recover_tasks(plans):
 
 def plans():
     """The plans of the loaded run."""
-    return stages._rt().plans
+    return stages.RUNTIME.plans

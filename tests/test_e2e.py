@@ -167,6 +167,7 @@ def test_list_info_and_recovery_by_forget(env):
     listed = env.doit("list", "--all", check=0)
     assert "extract:srv1/q.gz" in listed.stdout
     assert env.records() == []  # listing the graph changes nothing
+    assert not env.data.exists()
     env.doit("run")  # quarantined
     info = env.doit("info", "extract:srv1/q.gz", check=0)
     assert "quarantine" in info.stdout
