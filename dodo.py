@@ -15,6 +15,11 @@ def task_extract():
     yield from tasks.extract_tasks(tasks.plans())
 
 
+def task_settle():
+    """Wait for a server's background work (a step of `extract:SERVER`)."""
+    yield from tasks.settle_tasks(tasks.plans())
+
+
 def task_recover():
     """Groups of parked files, for recovery with `doit forget -s recover:<selector>`."""
     yield from tasks.recover_tasks(tasks.plans())

@@ -60,69 +60,44 @@ class Inflated(NamedTuple):
     out_sha256: str
 
 
-def _gzip_members(chunks, src):
-    """Inflate a stream of compressed chunks: every gzip member, CRC and length checked by zlib;
-    output comes in pieces of at most CHUNK bytes, so a bomb never sits in memory."""
-    name = os.path.basename(src)
-    decomp = _zlib.decompressobj(31)
-    for chunk in chunks:
-        data = chunk
-        while data:
-            if decomp.eof:
-                if not data.strip(b"\0"):
-                    break  # trailing zero padding after the last member is tolerated, as gzip does
-                decomp = _zlib.decompressobj(31)
-            out = decomp.decompress(data, CHUNK)
-            if out:
-                yield out
-            data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
-    while not decomp.eof:
-        out = decomp.decompress(b"", CHUNK)
-        if not out:
-            raise CorruptArchive(f"{name}: corrupt gzip data: truncated (the end of the last member is missing)")
-        yield out
-
-
 def inflate(src, dst_tmp, *, max_bytes, min_free):
     """One read of `src`: hash it, detect its format, inflate it into `dst_tmp` (not yet fsynced).
 
-    Returns Inflated(sha256, format, size, out_sha256); on any failure no `dst_tmp` is left behind.
+    Every gzip member is inflated, CRC and length checked by zlib; output comes in pieces of at most
+    CHUNK bytes, so a bomb never sits in memory. Returns Inflated(sha256, format, size, out_sha256);
+    on any failure no `dst_tmp` is left behind.
     """
     directory = os.path.dirname(dst_tmp)
     name = os.path.basename(src)
-    in_sha, out_sha = hashlib.sha256(), hashlib.sha256()
-    written = 0
     budget = _free_bytes(directory) - min_free
     if budget <= 0:
         raise ArchiveError(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
     try:
         with open(src, "rb") as fh, open(dst_tmp, "wb") as out:
-            head = fh.read(CHUNK)
-            fmt = detect_format(head)
+            block = fh.read(CHUNK)
+            fmt = detect_format(block)
             if fmt not in SUPPORTED:
-                raise CorruptArchive(f"{name}: empty file" if not head else
+                raise CorruptArchive(f"{name}: empty file" if not block else
                                      f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})")
-
-            def chunks():
-                block = head
-                while block:
-                    in_sha.update(block)
-                    yield block
-                    block = fh.read(CHUNK)
-
-            for piece in _gzip_members(chunks(), src):
-                written += len(piece)
-                if written > max_bytes:
-                    raise CorruptArchive(f"{name}: output exceeds max_extracted_bytes ({max_bytes}); "
-                                         "treated as a decompression bomb")
-                if written > budget:
-                    budget = _free_bytes(directory, max_age=0) - min_free + written
-                    if written > budget:
-                        raise ArchiveError(f"{directory}: not enough free space to extract {name} "
-                                           f"(min_free_bytes {min_free}); free some space and rerun")
-                out_sha.update(piece)
-                out.write(piece)
-                crashpoint("extract")
+            sink = _Sink(out, name, directory, max_bytes, min_free, budget)
+            in_sha = hashlib.sha256()
+            decomp = _zlib.decompressobj(31)
+            while block:
+                in_sha.update(block)
+                data = block
+                while data:
+                    if decomp.eof:
+                        if not data.strip(b"\0"):
+                            break  # trailing zero padding after the last member is tolerated, as gzip does
+                        decomp = _zlib.decompressobj(31)
+                    sink.write(decomp.decompress(data, CHUNK))
+                    data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
+                block = fh.read(CHUNK)
+            while not decomp.eof:
+                piece = decomp.decompress(b"", CHUNK)
+                if not piece:
+                    raise CorruptArchive(f"{name}: corrupt gzip data: truncated (the end of the last member is missing)")
+                sink.write(piece)
     except (CorruptArchive, ArchiveError):
         _discard(dst_tmp)
         raise
@@ -138,7 +113,33 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
     except BaseException:
         _discard(dst_tmp)
         raise
-    return Inflated(in_sha.hexdigest(), fmt, written, out_sha.hexdigest())
+    return Inflated(in_sha.hexdigest(), fmt, sink.written, sink.sha.hexdigest())
+
+
+class _Sink:
+    """Where inflated pieces go: the output cap and free-space check, the output hash, the file."""
+
+    def __init__(self, out, name, directory, max_bytes, min_free, budget):
+        self.out, self.name, self.directory = out, name, directory
+        self.max_bytes, self.min_free, self.budget = max_bytes, min_free, budget
+        self.written = 0
+        self.sha = hashlib.sha256()
+
+    def write(self, piece):
+        if not piece:
+            return
+        self.written += len(piece)
+        if self.written > self.max_bytes:
+            raise CorruptArchive(f"{self.name}: output exceeds max_extracted_bytes ({self.max_bytes}); "
+                                 "treated as a decompression bomb")
+        if self.written > self.budget:
+            self.budget = _free_bytes(self.directory, max_age=0) - self.min_free + self.written
+            if self.written > self.budget:
+                raise ArchiveError(f"{self.directory}: not enough free space to extract {self.name} "
+                                   f"(min_free_bytes {self.min_free}); free some space and rerun")
+        self.sha.update(piece)
+        self.out.write(piece)
+        crashpoint("extract")
 
 
 def _discard(path):

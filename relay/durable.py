@@ -15,7 +15,7 @@ def fsync_dir(path):
 
 
 def write_atomic(path, data):
-    """Replace `path` with `data` so that a crash leaves either the old or the new bytes."""
+    """Replace `path` with `data` so that a crash leaves either the old or the new bytes; return its stat."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
@@ -23,11 +23,13 @@ def write_atomic(path, data):
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+            st = os.fstat(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
     fsync_dir(directory)
+    return st
 
 
 def move_durably(src, dst):
@@ -70,8 +72,16 @@ def syncfs(path):
 
 
 def replace_unsynced(path, data):
-    """Write `data` to a temp file beside `path` and rename it over `path`; durable after syncfs."""
-    tmp = f"{os.path.dirname(path)}/.tmp-{os.path.basename(path)}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
+    """Write `data` to a temp file beside `path` and rename it over `path` (durable after syncfs); return its stat."""
+    head, _, name = path.rpartition("/")
+    tmp = f"{head}/.tmp-{name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        st = os.fstat(fd)  # a rename keeps size and mtime
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    return st

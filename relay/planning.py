@@ -39,10 +39,24 @@ class Plan(msgspec.Struct):
 
 def label(name):
     """A printable, shell-friendly rendering of a file name for task names and logs."""
+    if name.isascii() and name.isprintable() and "\\" not in name:
+        return name  # the common case, and it is asked for thousands of times a run
     raw = os.fsencode(name)
     text = raw.decode("utf-8", "backslashreplace").replace("\\", "\\\\") if b"\\" in raw else \
         raw.decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def task_labels(plan):
+    """A unique task label per key of one server's plan (its due, then its parked files)."""
+    labels, used = {}, set()
+    for rec in [w.record for w in plan.due] + list(plan.parked):
+        text = label(rec.local_name or rec.remote_path)
+        if text in used:
+            text = f"{text}~{rec.key[:8]}"
+        used.add(text)
+        labels[rec.key] = text
+    return labels
 
 
 def versioned(name, generation, sha256):
@@ -88,15 +102,19 @@ def _fresh(record, **changes):
                   generation=record.generation + 1, created_at=record.created_at, **changes)
 
 
-def plan_server(server, records, entries, incoming, now, min_age):
+def plan_server(server, records, entries, incoming, now, min_age, drops=True):
     """Decide the due, parked and skipped files of one server.
 
     `entries`: the remote listing (None if the server could not be listed);
-    `incoming`: (name, size, mtime) of files found in incoming/<server>/, or None when switched off.
+    `incoming`: (name, size, mtime) of files found in incoming/<server>/ (None: not looked at);
+    `drops`: whether files there that no record claims are processed as local drops.
+    A remote file still to fetch whose copy already sits in incoming/ with the listed size and
+    mtime (a run stopped after rsync delivered it) goes on from `verify`: no second transfer.
     """
     plan = Plan(server=server)
     claims = _Claims(records)
     by_path = {r.remote_path: r for r in records.values() if r.origin == "remote"}
+    landed = {name: (size, mtime) for name, size, mtime in incoming or ()}
     seen = set()
     for entry in entries or ():
         if entry.kind != "f":
@@ -119,10 +137,10 @@ def plan_server(server, records, entries, incoming, now, min_age):
                             local_name=_local_name(entry.path, key, claims), size=entry.size,
                             mtime=entry.mtime)
             claims[record.local_name] = key
-            plan.due.append(Work(key, "fetch", record))
+            plan.due.append(_to_fetch(record, landed))
         else:
-            _place_known(plan, record, entry.size, entry.mtime, young)
-    for name, size, mtime in incoming or ():
+            _place_known(plan, record, entry.size, entry.mtime, young, landed)
+    for name, size, mtime in incoming if drops and incoming else ():
         key = state.record_key(server, "local", name)
         if claims.get(name, key) != key:
             continue  # a fetched file waiting for its own stages
@@ -137,7 +155,7 @@ def plan_server(server, records, entries, incoming, now, min_age):
             plan.due.append(Work(key, "verify", record))
         else:
             seen.add(key)
-            _place_known(plan, record, size, mtime, young)
+            _place_known(plan, record, size, mtime, young, landed)
     for key, record in records.items():
         if key in seen:
             continue
@@ -151,7 +169,18 @@ def plan_server(server, records, entries, incoming, now, min_age):
     return plan
 
 
-def _place_known(plan, record, size, mtime, young):
+def _to_fetch(record, landed):
+    """Work for a remote record that needs its file: `fetch`, or `verify` when the copy already landed."""
+    size_mtime = landed.get(record.local_name)
+    # Not over a quarantined copy: the fetch is what supersedes (and removes) it.
+    if size_mtime is not None and not record.source_path and size_mtime[0] == record.size and \
+            int(float(size_mtime[1])) == int(float(record.mtime)):
+        record.status = state.COPIED
+        return Work(record.key, NEXT_STAGE[state.COPIED], record)
+    return Work(record.key, "fetch", record)
+
+
+def _place_known(plan, record, size, mtime, young, landed):
     if record.parked:
         plan.parked.append(record)
         plan.listed[record.key] = (size, mtime)
@@ -161,17 +190,15 @@ def _place_known(plan, record, size, mtime, young):
         elif young:
             plan.skipped.append(Skip(record.remote_path or record.local_name,
                                      "changed and younger than min_file_age_seconds"))
+        elif record.origin == "local":
+            plan.due.append(Work(record.key, "verify", _fresh(record, size=size, mtime=mtime,
+                                                                status=state.COPIED)))
         else:
-            status = state.COPIED if record.origin == "local" else state.PENDING
-            fresh = _fresh(record, size=size, mtime=mtime, status=status)
-            plan.due.append(Work(record.key, NEXT_STAGE[status], fresh))
+            plan.due.append(_to_fetch(_fresh(record, size=size, mtime=mtime, status=state.PENDING), landed))
     elif record.status == state.PENDING:
         if young:
             plan.skipped.append(Skip(record.remote_path, "younger than min_file_age_seconds"))
             return
-        fresh = msgspec.structs.replace(record, size=size, mtime=mtime)
-        plan.due.append(Work(record.key, "fetch", fresh))
+        plan.due.append(_to_fetch(msgspec.structs.replace(record, size=size, mtime=mtime), landed))
     else:
         plan.due.append(Work(record.key, NEXT_STAGE[record.status], record))
-
-

@@ -24,9 +24,6 @@ _encoder = msgspec.json.Encoder()
 FLUSH_RECORDS = 4096
 FLUSH_SECONDS = 5.0
 FLUSH_BYTES = 256 * 2**20
-# Files at least this big (compressed) are extracted in a background thread: their work is in C,
-# so threads use both cores; small files cost more in hand-offs than they gain.
-BACKGROUND_BYTES = 256 * 2**10
 
 
 class Runtime:
@@ -44,6 +41,7 @@ class Runtime:
         self.planned = {}  # (server, key) -> Record not yet on disk
         self.listed = {}  # (server, key) -> (size, mtime) listed now, for parked records
         self.fetched = set()  # (server, key) whose fetch this run already started
+        self.submitted = set()  # (server, key) handed to the extraction workers
         self.arrivals = {}  # (server, key) -> Event set when the file is in incoming/ (or given up)
         self.fetch_pool = None
         self.fetch_futures = collections.defaultdict(list)
@@ -115,10 +113,10 @@ class Runtime:
 
     def unique_path(self, server, directory, name, key):
         """`directory/name`, or a key-suffixed variant when another record owns that path."""
-        path = os.path.join(directory, name)
+        path = f"{directory}/{name}"
         if self._path_owners(server).get(path, key) == key:
             return path
-        return os.path.join(directory, f"{name}~{key[:8]}")
+        return f"{directory}/{name}~{key[:8]}"
 
     def emit(self, level, message, rec=None, **fields):
         """Log one structured event about `rec`."""
@@ -224,6 +222,11 @@ def fetch_server(server, only=""):
     if server not in rt.awaited or only:
         for future in list(rt.fetch_futures.get(server, ())):
             future.result()
+    elif plan:
+        # Already in incoming/ (a local drop, a copy an earlier run fetched): no need to wait for rsync.
+        for work in plan.due:
+            if work.first != "fetch":
+                submit_extract(rt, server, work.key)
     return True
 
 
@@ -283,27 +286,29 @@ def _fetch_dir(rt, server, remote_dir, group):
         if rec is None:
             return
         try:
-            os.replace(os.path.join(staging, name), os.path.join(incoming, rec.local_name))
+            os.replace(f"{staging}/{name}", f"{incoming}/{rec.local_name}")
         except FileNotFoundError:
             return  # not renamed into place yet: the sweep after rsync exits takes it
         del waiting[name]
         crashpoint("fetch")
         if rec.source_path:  # a quarantined copy, superseded by this fresh fetch
             durable.unlink_durably(rec.source_path)
+        # No record written: the next run's planner finds the copy in incoming/ by name, size and mtime.
         rt._apply(rec, {"status": state.COPIED, "source_path": ""})
-        # Not synced: losing a `copied` record in a crash only means fetching the file again.
-        rt.store.save_unsynced(rec, run_id=rt.run_id)
         arrived.append(rec)
         rt.arrivals[(server, rec.key)].set()
+        if server in rt.awaited:
+            submit_extract(rt, server, rec.key)
 
-    logged = []
+    reported_before = []  # reported by rsync, not landed yet
 
     def reported(name):
         # rsync logs a file just before renaming it into place, and handles files one after the
         # other: when it reports a file, the ones it reported before are surely in place.
-        logged.append(name)
-        for earlier in [n for n in logged if n in waiting]:
+        for earlier in reported_before:
             land(earlier)
+        reported_before[:] = [n for n in reported_before if n in waiting]
+        reported_before.append(name)
 
     def attempt():
         for rec in waiting.values():
@@ -340,8 +345,8 @@ def _fetch_dir(rt, server, remote_dir, group):
 def process_file(server, key):
     """doit action of `extract:<server>/<file>`: bring one file through whatever stages remain.
 
-    A large file is extracted in a background thread when this run's `extract:<server>` group will
-    wait for it (and report its outcome); small ones are done here, at once. Always returns
+    When this run's `extract:<server>` group waits for the server, the file joins its background
+    work (the group reports the outcome); otherwise it is done here and now. Always returns
     {"ran": True}: doit keeps it, and `recorded_run` reads it back to leave a parked file alone until
     `doit forget` drops it.
     """
@@ -353,26 +358,37 @@ def process_file(server, key):
         if rec.run_id == rt.run_id:
             return {"ran": True}  # parked by this very run: it waits for an explicit recovery
         rec = unpark(rt, rec)
-    if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED)
-            and not os.path.exists(os.path.join(rt.layout.incoming(server), rec.local_name))):
-        # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
-        rt.save(rec, status=state.PENDING)
-        rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
-    if server in rt.awaited and rec.size >= BACKGROUND_BYTES:
-        if rt.extract_pool is None:
-            rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=rt.settings.max_workers, thread_name_prefix="extract")
-        rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
+    if server in rt.awaited:
+        if rec.status == state.PENDING:
+            start_fetch(rt, server, [key])  # its arrival hands it to the background work
+        else:
+            submit_extract(rt, server, key)
     else:
         _advance(rt, server, key)
     return {"ran": True}
 
 
+def submit_extract(rt, server, key):
+    """Queue verify → extract → place of one fetched file on the background workers (once per run)."""
+    with rt._locks["pool"]:
+        if (server, key) in rt.submitted:
+            return
+        rt.submitted.add((server, key))
+        if rt.extract_pool is None:
+            rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=rt.settings.max_workers, thread_name_prefix="extract")
+        rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
+
+
 def _advance(rt, server, key):
     rec = rt.record(server, key)
+    if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED) and (server, key) not in rt.fetched
+            and not os.path.exists(f"{rt.layout.incoming(server)}/{rec.local_name}")):
+        # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
+        rt.save(rec, status=state.PENDING)
+        rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
     if rec.status == state.PENDING:
-        plan = rt.plans.get(server)
-        start_fetch(rt, server, [w.key for w in plan.due if w.first == "fetch"] + [key] if plan else [key])
+        start_fetch(rt, server, [key])
         wait_fetched(rt, server, key)
         rec = rt.record(server, key)
     with rt.workers, rt.slot(server):
@@ -397,7 +413,7 @@ def _changed_locally(rec, st):
 
 def _extract(rt, rec):
     settings = rt.settings
-    src = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
+    src = f"{rt.layout.incoming(rec.server)}/{rec.local_name}"
     try:
         st = os.stat(src)
     except FileNotFoundError:
@@ -415,7 +431,7 @@ def _extract(rt, rec):
         rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {st.st_size}); left for a "
                 "later run", rec, operation="verify")
         return
-    tmp = os.path.join(rt.layout.extract_tmp(rec.server), f"{rec.key}.part")
+    tmp = f"{rt.layout.extract_tmp(rec.server)}/{rec.key}.part"
     started = time.monotonic()
 
     def attempt():
@@ -473,7 +489,7 @@ def _still_changing(rt, rec):
 
 def _place(rt, rec):
     """Keep the compressed source under processed/ or delete it, per delete_source (durable at the flush)."""
-    path = os.path.join(rt.layout.incoming(rec.server), rec.local_name)
+    path = f"{rt.layout.incoming(rec.server)}/{rec.local_name}"
     if rt.settings.delete_source:
         try:
             os.unlink(path)
@@ -483,8 +499,10 @@ def _place(rt, rec):
     else:
         name = planning.versioned(rec.local_name, rec.generation, rec.sha256)
         target = rt.unique_path(rec.server, rt.layout.processed(rec.server), name, rec.key)
-        if os.path.exists(path):
+        try:
             os.replace(path, target)
+        except FileNotFoundError:
+            pass  # moved already, by a run that stopped before recording it
         rec.source_path = target
     crashpoint("place-source")
 
@@ -498,11 +516,37 @@ RECOVER_HINT = {
 }
 
 
+def _wait_all(rt, server):
+    """Wait for the server's background fetches and extractions (fetches add extractions as files land)."""
+    def outstanding():
+        return [*rt.fetch_futures.get(server, ()), *rt.extract_futures.get(server, ())]
+
+    futures = outstanding()
+    while True:
+        for future in futures:
+            future.result()
+        if len(outstanding()) == len(futures):
+            return
+        futures = outstanding()
+
+
+def settle_server(server):
+    """doit action of `settle:<server>`: wait for the server's work, then name the tasks of the files it parked."""
+    rt = _rt()
+    _wait_all(rt, server)
+    plan = rt.plans.get(server)
+    if plan is None:
+        return {"task_dep": []}
+    parked_now = {w.key for w in plan.due if rt.record(server, w.key).parked
+                  and rt.record(server, w.key).run_id == rt.run_id}
+    return {"task_dep": [f"extract:{server}/{label}" for key, label in planning.task_labels(plan).items()
+                         if key in parked_now]}
+
+
 def finish_server(server):
     """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
-    for future in [*rt.fetch_futures.get(server, ()), *rt.extract_futures.get(server, ())]:
-        future.result()
+    _wait_all(rt, server)
     rt.flush()
     problems, kinds = [], set()
     if server in rt.listing_errors:

@@ -75,6 +75,16 @@ def _to_disk(record):
     return msgspec.structs.replace(record, raw=raw, **changes) if raw else record
 
 
+def encode(record):
+    """The record's JSON bytes (odd file names go through `_to_disk`; the common case needs no copy)."""
+    if type(record) is Record:
+        try:
+            return _encoder.encode(record)
+        except UnicodeEncodeError:
+            pass
+    return _encoder.encode(_to_disk(record))
+
+
 def _from_disk(record):
     if record.raw:
         for name, value in record.raw.items():
@@ -111,6 +121,8 @@ class Store:
         self.state_dir = state_dir
         self.records = {}  # server -> key -> latest Record known to this process
         self._index_stale = set()  # servers whose index misses a record change
+        self._made = set()  # servers whose records directory exists
+        self._stats = {}  # server -> key -> (mtime_ns, size) of its record file, as the index keeps them
 
     def _dir(self, server):
         return os.path.join(self.state_dir, "records", server)
@@ -127,18 +139,17 @@ class Store:
         record.created_at = record.created_at or record.updated_at
         if run_id is not None:
             record.run_id = run_id
-        os.makedirs(self._dir(record.server), exist_ok=True)
-        writer(self.path(record), _encoder.encode(_to_disk(record)))
+        if record.server not in self._made:
+            os.makedirs(self._dir(record.server), exist_ok=True)
+            self._made.add(record.server)
+        st = writer(self.path(record), encode(record))
+        self._stats.setdefault(record.server, {})[record.key] = (st.st_mtime_ns, st.st_size)
         self.records.setdefault(record.server, {})[record.key] = record
         self._index_stale.add(record.server)
 
     def save(self, record, run_id=None):
         """Write `record` atomically and durably (fsync)."""
         self._write(record, run_id, durable.write_atomic)
-
-    def save_unsynced(self, record, run_id=None):
-        """Write one record by temp + rename, leaving durability to a later syncfs (or to luck)."""
-        self._write(record, run_id, durable.replace_unsynced)
 
     def save_batch(self, records, run_id=None):
         """Write many records (temp + rename each), then make them all durable with one syncfs."""
@@ -159,6 +170,7 @@ class Store:
         """All records of `server`, by key; decodes only the record files changed since the index."""
         index = self._read_index(server)
         records = self.records[server] = {}
+        stats = self._stats[server] = {}
         directory = self._dir(server)
         try:
             dir_mtime = os.stat(directory).st_mtime_ns
@@ -167,9 +179,11 @@ class Store:
         if index is not None and index.dir_mtime_ns == dir_mtime:
             for key, cached in index.entries.items():
                 records[key] = _from_disk(cached.record)
+                stats[key] = (cached.mtime_ns, cached.size)
             if len(records) == index.count:
                 return records
             records.clear()
+            stats.clear()
         cached_entries = index.entries if index is not None else {}
         for entry in os.scandir(directory):
             if entry.name.startswith(".tmp-"):
@@ -184,8 +198,10 @@ class Store:
                 records[key] = _from_disk(cached.record)
             else:
                 record = self.get(server, key)
-                if record is not None:
-                    records[key] = record
+                if record is None:
+                    continue
+                records[key] = record
+            stats[key] = (st.st_mtime_ns, st.st_size)
         self._index_stale.add(server)
         return records
 
@@ -206,16 +222,27 @@ class Store:
             dir_mtime = os.stat(self._dir(server)).st_mtime_ns
         except FileNotFoundError:
             return
-        for key, record in self.records.get(server, {}).items():
-            try:
-                st = os.stat(self.path(record))
-            except FileNotFoundError:
-                continue
-            entries[key] = _IndexEntry(st.st_mtime_ns, st.st_size,
-                                       _PackedRecord(**msgspec.structs.asdict(_to_disk(record))))
+        stats = self._stats.get(server, {})
+        records = self.records.get(server, {})
+
+        def build(packed):
+            entries = {}
+            for key, record in records.items():
+                if key in stats:
+                    mtime_ns, size = stats[key]
+                else:
+                    try:
+                        st = os.stat(self.path(record))
+                    except FileNotFoundError:
+                        continue
+                    mtime_ns, size = st.st_mtime_ns, st.st_size
+                entries[key] = _IndexEntry(mtime_ns, size, packed(record))
+            return _index_encoder.encode(_Index(dir_mtime, len(entries), entries))
+
+        try:  # most records hold only valid UTF-8: convert them as they are
+            data = build(lambda r: r if type(r) is _PackedRecord else _PackedRecord(**msgspec.structs.asdict(r)))
+        except UnicodeEncodeError:
+            data = build(lambda r: _PackedRecord(**msgspec.structs.asdict(_to_disk(r))))
         os.makedirs(os.path.dirname(self._index_path(server)), exist_ok=True)
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
-        tmp = self._index_path(server) + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(_index_encoder.encode(_Index(dir_mtime, len(entries), entries)))
-        os.replace(tmp, self._index_path(server))
+        durable.replace_unsynced(self._index_path(server), data)

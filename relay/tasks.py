@@ -70,8 +70,8 @@ def sweep(rt):
         rt.log.info(f"swept {removed} temp file(s) left by an interrupted run", extra={"operation": "sweep"})
 
 
-def scan_incoming(rt, server):
-    """(name, size, mtime) of regular files in incoming/<server>/; other kinds are logged and skipped."""
+def scan_incoming(rt, server, warn=True):
+    """(name, size, mtime) of regular files in incoming/<server>/; other kinds are skipped (and logged if `warn`)."""
     found = []
     try:
         entries = list(os.scandir(rt.layout.incoming(server)))
@@ -81,7 +81,7 @@ def scan_incoming(rt, server):
         if entry.is_file(follow_symlinks=False):
             st = entry.stat(follow_symlinks=False)
             found.append((entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
-        else:
+        elif warn:
             rt.log.warning(f"skipped {planning.label(entry.name)} in incoming/: not a regular file",
                            extra={"server": server, "operation": "list"})
     return found
@@ -127,11 +127,12 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(servers))))
     futures = {s.name: pool.submit(_list_server, rt, s) for s in servers}
     records = {s.name: rt.store.load_server(s.name) for s in servers}
-    incoming = {s.name: scan_incoming(rt, s.name) if process_incoming else None for s in servers}
+    incoming = {s.name: scan_incoming(rt, s.name, warn=process_incoming) for s in servers}
     now = time.time() if now is None else now
     for srv in servers:
         plan = planning.plan_server(srv.name, records[srv.name], futures[srv.name].result(),
-                                    incoming[srv.name], now, settings.min_file_age_seconds)
+                                    incoming[srv.name], now, settings.min_file_age_seconds,
+                                    drops=process_incoming)
         for skip in plan.skipped:
             rt.log.info(f"skipped {planning.label(skip.path)}: {skip.reason}",
                         extra={"server": srv.name, "operation": "list"})
@@ -188,12 +189,12 @@ def awaited_servers(argv, servers):
 
     doit does not tell a task what else was selected, so read the task names off the command line:
     none means the default tasks, i.e. every server."""
-    names = [a for a in argv if re.match(r"^(fetch|extract|recover)(:|$)", a)]
+    names = [a for a in argv if re.match(r"^(fetch|extract|settle|recover)(:|$)", a)]
     if not names:
         return set(servers)
     if "extract" in names:
         return set(servers)
-    return {n.split(":", 1)[1] for n in names if n.startswith("extract:") and "/" not in n} & set(servers)
+    return {n.split(":", 1)[1] for n in names if n.startswith(("extract:", "settle:")) and "/" not in n} & set(servers)
 
 
 # --- task generators (pure: they only read the plans) ------------------------------------------
@@ -202,19 +203,6 @@ def awaited_servers(argv, servers):
 # between worker threads (a run could end with a dead sys.stdout and exit 120). Our actions print
 # nothing (they log), so capture is off for every task.
 NO_CAPTURE = {"capture": False}
-
-def _labels(plan):
-    """A unique task label per key of one server's plan."""
-    labels, used = {}, set()
-    records = [w.record for w in plan.due] + list(plan.parked)
-    for rec in records:
-        text = planning.label(rec.local_name or rec.remote_path)
-        if text in used:
-            text = f"{text}~{rec.key[:8]}"
-        used.add(text)
-        labels[rec.key] = text
-    return labels
-
 
 def fetch_tasks(plans):
     """`fetch:<server>`: one batched rsync per server for its due files (`--only FILE` for one file)."""
@@ -229,32 +217,41 @@ def fetch_tasks(plans):
 def extract_tasks(plans):
     """`extract:<server>/<file>` for due and parked files, and the `extract:<server>` groups with the summary."""
     for server, plan in plans.items():
-        labels = _labels(plan)
-        names = []
+        labels = planning.task_labels(plan)
         for work in plan.due:
-            name = f"{server}/{labels[work.key]}"
-            names.append(f"extract:{name}")
-            # No task_dep on fetch:<server>: the action waits for its own file only, so extraction
-            # overlaps the rest of the server's transfer.
-            yield {"name": name, "actions": [(stages.process_file, [server, work.key])],
+            # Runnable on its own (`doit run extract:srv1/FILE`); in a run of the whole server, the
+            # group does these files in bulk as rsync delivers them, without a doit task each.
+            yield {"name": f"{server}/{labels[work.key]}", "actions": [(stages.process_file, [server, work.key])],
                    "uptodate": [False], "io": NO_CAPTURE, "doc": f"verify, extract and file {server}:{labels[work.key]}"}
         for rec in plan.parked:
-            name = f"{server}/{labels[rec.key]}"
-            names.append(f"extract:{name}")
             # Up to date while doit remembers parking it: `doit forget` sends it through again.
-            yield {"name": name, "actions": [(stages.process_file, [server, rec.key])],
+            yield {"name": f"{server}/{labels[rec.key]}", "actions": [(stages.process_file, [server, rec.key])],
                    "uptodate": [stages.recorded_run], "io": NO_CAPTURE,
                    "doc": f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]}
-        yield {"name": server, "actions": [(stages.finish_server, [server])],
-               "task_dep": [f"fetch:{server}", *names], "uptodate": [False], "io": NO_CAPTURE,
-               "doc": f"everything for {server}: fetch, verify, extract, file"}
+        # settle:<server> runs first: it waits for the server's work and adds the tasks of files it parked.
+        yield {"name": server, "actions": [(stages.finish_server, [server])], "calc_dep": [f"settle:{server}"],
+               "uptodate": [False], "io": NO_CAPTURE,
+               "doc": f"everything for {server}: fetch, verify, extract and file its {len(plan.due)} due file(s)"}
+
+
+def settle_tasks(plans):
+    """`settle:<server>`: a step of `extract:<server>` that waits for the server's background work.
+
+    Its result names the tasks of the files this run parked, which doit then runs (they do nothing
+    but let doit remember them: `doit forget` of such a task is what recovers its file)."""
+    for server, plan in plans.items():
+        labels = planning.task_labels(plan)
+        parked = [f"extract:{server}/{labels[rec.key]}" for rec in plan.parked]
+        yield {"name": server, "actions": [(stages.settle_server, [server])],
+               "task_dep": [f"fetch:{server}", *parked], "uptodate": [False], "io": NO_CAPTURE,
+               "doc": f"wait for {server}'s transfers and extractions (a step of extract:{server})"}
 
 
 def recover_tasks(plans):
     """`recover:<selector>` groups over parked files, for `doit forget -s recover:<selector>`."""
     groups = {"all": []}
     for server, plan in plans.items():
-        labels = _labels(plan)
+        labels = planning.task_labels(plan)
         groups.setdefault(server, [])
         for kind in ERROR_KINDS:
             groups.setdefault(kind, [])

@@ -309,6 +309,24 @@ def test_plan_incoming_drops_and_claimed_names():
     assert due["drop.gz"].first == "verify" and due["drop.gz"].record.origin == "local"
 
 
+def test_plan_adopts_a_copy_already_fetched_into_incoming():
+    """A run stopped after rsync delivered a file: the next one goes on from verify, no second transfer."""
+    pending = state.Record(key=state.record_key("s", "remote", "/l/p.gz"), server="s", origin="remote",
+                           remote_path="/l/p.gz", local_name="p.gz", size=7, mtime="1000.5")
+    quarantined = state.Record(key=state.record_key("s", "remote", "/l/q.gz"), server="s", origin="remote",
+                               remote_path="/l/q.gz", local_name="q.gz", size=7, mtime="1000.5",
+                               source_path="/data/error/quarantine/s/q.gz")
+    records = {r.key: r for r in (pending, quarantined)}
+    entries = [entry(f"/l/{n}.gz", size=7) for n in "pqnm"]
+    landed = [("p.gz", 7, "1000.000000000"), ("q.gz", 7, "1000.0"), ("n.gz", 7, "1000.9"), ("m.gz", 8, "1000.5")]
+    plan = planning.plan_server("s", records, entries, landed, now=10_000, min_age=60, drops=False)
+    first = {w.record.local_name: (w.first, w.record.status) for w in plan.due}
+    assert first == {"p.gz": ("verify", state.COPIED), "n.gz": ("verify", state.COPIED),
+                     "q.gz": ("fetch", state.PENDING),  # the fetch supersedes its quarantined copy
+                     "m.gz": ("fetch", state.PENDING)}  # not the listed size: fetch it again
+    assert not [w for w in plan.due if w.record.origin == "local"]  # drops off: nothing else taken
+
+
 def test_plan_same_basename_in_two_directories_gets_distinct_names():
     plan = planning.plan_server("s", {}, [entry("/a/x.gz"), entry("/b/x.gz")], None, now=10_000, min_age=0)
     names = sorted(w.record.local_name for w in plan.due)
