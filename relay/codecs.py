@@ -74,7 +74,9 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
         raise ArchiveError(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
     try:
         with open(src, "rb") as fh, open(dst_tmp, "wb") as out:
-            block = fh.read(CHUNK)
+            # A small file in one read of its own size: a CHUNK-sized buffer each time costs an mmap.
+            step = min(CHUNK, os.fstat(fh.fileno()).st_size + 1)
+            block = fh.read(step)
             fmt = detect_format(block)
             if fmt not in SUPPORTED:
                 raise CorruptArchive(f"{name}: empty file" if not block else
@@ -92,7 +94,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
                         decomp = _zlib.decompressobj(31)
                     sink.write(decomp.decompress(data, CHUNK))
                     data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
-                block = fh.read(CHUNK)
+                block = fh.read(step)
             while not decomp.eof:
                 piece = decomp.decompress(b"", CHUNK)
                 if not piece:

@@ -304,9 +304,10 @@ class Connection:
         With no shared connection up yet, the listing's own ssh becomes the ControlMaster and stays
         in the background (its stdio detached): the handshake and the listing cost one session."""
         with self._lock:
-            become_master = not self._open and not self._master_alive()
-            mux = ["-o", "ControlMaster=yes", "-o", f"ControlPersist={self.settings.ssh_control_persist}"] \
-                if become_master else ["-o", "ControlMaster=no"]
+            # `auto`: use a live master if there is one (a stale socket is removed), else become it.
+            private_dir(self.sockets)
+            mux = ["-o", "ControlMaster=auto", "-o", f"ControlPersist={self.settings.ssh_control_persist}"] \
+                if not self._open else ["-o", "ControlMaster=no"]
             argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--",
                     self.server.host, listing_script(patterns)]
             code, out, err = _run(self.server, with_password(self.server, argv),
