@@ -376,7 +376,7 @@ def submit_extract(rt, server, key):
         rt.submitted.add((server, key))
         if rt.extract_pool is None:
             rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=int(os.environ.get("XW", rt.settings.max_workers)), thread_name_prefix="extract")
+                max_workers=rt.settings.max_workers, thread_name_prefix="extract")
         rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
 
 
