@@ -218,16 +218,26 @@ def fetch_server(server, only=""):
             return TaskFailed(f"{server}: no file called {only!r} is due for fetching "
                               f"(due: {', '.join(sorted(labels)) or 'none'}); see `doit list --all`")
         keys = [labels[only]]
+    if server in rt.awaited and not only:
+        start_server(server)  # started while doit loaded; this adds nothing then
+        return True
     start_fetch(rt, server, keys)
-    if server not in rt.awaited or only:
-        for future in list(rt.fetch_futures.get(server, ())):
-            future.result()
-    elif plan:
-        # Already in incoming/ (a local drop, a copy an earlier run fetched): no need to wait for rsync.
-        for work in plan.due:
-            if work.first != "fetch":
-                submit_extract(rt, server, work.key)
+    for future in list(rt.fetch_futures.get(server, ())):
+        future.result()
     return True
+
+
+def start_server(server):
+    """Start all of a server's due work in the background: its batch fetch (each arrival goes on to
+    extraction) and the extraction of files already in incoming/. `settle:<server>` waits for it."""
+    rt = _rt()
+    plan = rt.plans.get(server)
+    if plan is None:
+        return
+    start_fetch(rt, server, [w.key for w in plan.due if w.first == "fetch"])
+    for work in plan.due:
+        if work.first != "fetch":  # a local drop, or a copy an earlier run fetched
+            submit_extract(rt, server, work.key)
 
 
 def start_fetch(rt, server, keys):

@@ -1,5 +1,6 @@
 """Load time (config, lock, state, one listing per server) and the doit task generators built from the plans."""
 
+import atexit
 import concurrent.futures
 import fcntl
 import gc
@@ -105,10 +106,12 @@ def _list_server(rt, server):
         return None
 
 
-def load(config_dir=None, environ=None, process_incoming=None, now=None, sequential=False):
+def load(config_dir=None, environ=None, process_incoming=None, now=None, sequential=False, argv=None):
     """Validate config, take the lock, load state, list every enabled server and plan the run.
 
-    `sequential`: one server and one file at a time (the user's `run --sequential`)."""
+    `sequential`: one server and one file at a time (the user's `run --sequential`);
+    `argv`: doit's command line, when this is a doit run: the servers whose `extract:<server>` group
+    it runs start their transfers and extractions as soon as they are planned, while doit loads."""
     settings = load_settings(config_dir, environ)
     if sequential:
         settings = msgspec.structs.replace(settings, max_workers=1, max_per_server=1)
@@ -118,6 +121,13 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     logs.setup(settings.log_dir, settings.log_format, settings.log_level)
     rt = stages.Runtime(settings)
     servers = settings.enabled_servers
+    rt.awaited = awaited_servers(argv, [s.name for s in servers]) if argv is not None else set()
+    rt.prepare = lambda: (rt.layout.make_tree(s.name for s in servers), sweep(rt))
+    stages.RUNTIME = rt
+    if rt.awaited:
+        # Work starts before doit runs a task: if doit then stops early (a bad task name), what was
+        # finished still gets its records.
+        atexit.register(rt.flush)
     if process_incoming is None:
         process_incoming = settings.process_incoming
     # Loading builds tens of thousands of small objects that live for the whole run: the cyclic
@@ -140,11 +150,11 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
             rt.planned[(srv.name, work.key)] = work.record
         rt.listed.update({(srv.name, key): listed for key, listed in plan.listed.items()})
         rt.plans[srv.name] = plan
+        if srv.name in rt.awaited:
+            stages.start_server(srv.name)
     pool.shutdown()
     gc.freeze()
     gc.enable()
-    rt.prepare = lambda: (rt.layout.make_tree(s.name for s in servers), sweep(rt))
-    stages.RUNTIME = rt
     return rt
 
 
@@ -164,10 +174,10 @@ def doit_config(config_dir=None):
     if incoming is not None:
         incoming = _yes(incoming)
     try:
-        rt = load(config_dir, process_incoming=incoming, sequential=bool(sequential and _yes(sequential)))
+        rt = load(config_dir, process_incoming=incoming, sequential=bool(sequential and _yes(sequential)),
+                  argv=sys.argv[1:])
     except ConfigError as exc:
         raise InvalidDodoFile(str(exc)) from None
-    rt.awaited = awaited_servers(sys.argv[1:], [s.name for s in rt.settings.enabled_servers])
     return {
         # Every server's fetch first, so that all transfers start at once; then the per-server groups
         # (not the `extract` basename: a failed server then gives exit 1, not 2).
@@ -184,11 +194,32 @@ def doit_config(config_dir=None):
     }
 
 
+DOIT_COMMANDS = {"run", "list", "info", "forget", "clean", "ignore", "dumpdb", "strace", "tabcompletion",
+                 "help", "reset-dep", "auto"}
+
+
+def doit_command(argv):
+    """The doit command named in `argv` (doit's own default: `run`), past the options that may precede it."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-f", "--file", "-d", "--dir"):
+            i += 2
+        elif arg.startswith(("--file=", "--dir=")) or arg in ("-k", "--seek-file") or \
+                ("=" in arg and not arg.startswith("-")):  # a doit variable such as incoming=no
+            i += 1
+        else:
+            break
+    return argv[i] if i < len(argv) and argv[i] in DOIT_COMMANDS else "run"
+
+
 def awaited_servers(argv, servers):
     """Servers whose `extract:<server>` group runs in this invocation (it waits for their background work).
 
-    doit does not tell a task what else was selected, so read the task names off the command line:
-    none means the default tasks, i.e. every server."""
+    doit does not tell a task what else was selected, so read the command and the task names off the
+    command line: a run naming no task runs the default tasks, i.e. every server."""
+    if doit_command(argv) != "run":
+        return set()
     names = [a for a in argv if re.match(r"^(fetch|extract|settle|recover)(:|$)", a)]
     if not names:
         return set(servers)

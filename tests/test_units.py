@@ -349,6 +349,12 @@ def test_awaited_servers_read_from_the_command_line():
     assert awaited_servers(["run", "extract"], servers) == {"srv1", "srv2"}
     assert awaited_servers(["run", "extract:srv1/a.gz"], servers) == set()
     assert awaited_servers(["run", "fetch:srv2", "--only", "x.gz"], servers) == set()
+    assert awaited_servers(["-f", "dodo.py", "run"], servers) == {"srv1", "srv2"}
+    assert awaited_servers(["config=/etc/relay", "extract:srv2"], servers) == {"srv2"}
+    # Commands that run nothing start nothing.
+    assert awaited_servers(["list", "--all"], servers) == set()
+    assert awaited_servers(["-f", "dodo.py", "forget", "-s", "recover:srv1"], servers) == set()
+    assert awaited_servers(["info", "extract:srv1"], servers) == set()
 
 
 def test_control_socket_directory_must_be_ours(tmp_path):
