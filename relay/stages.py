@@ -359,9 +359,9 @@ def process_file(server, key):
     """doit action of `extract:<server>/<file>`: bring one file through whatever stages remain.
 
     When this run's `extract:<server>` group waits for the server, the file joins its background
-    work (the group reports the outcome); otherwise it is done here and now. Always returns
-    {"ran": True}: doit keeps it, and `recorded_run` reads it back to leave a parked file alone until
-    `doit forget` drops it.
+    work and the group reports the outcome; the task returns {"ran": True}, which doit keeps and
+    `recorded_run` reads back to leave a parked file alone until `doit forget` drops it. Otherwise
+    the file is done here and now, and the task fails if the file had to be parked.
     """
     rt = _rt()
     rec = rt.record(server, key)
@@ -376,8 +376,14 @@ def process_file(server, key):
             start_fetch(rt, server, [key])  # its arrival hands it to the background work
         else:
             submit_extract(rt, server, key)
-    else:
-        _advance(rt, server, key)
+        return {"ran": True}
+    _advance(rt, server, key)
+    rt.flush()  # no group runs after this task to make it durable
+    rec = rt.record(server, key)
+    if rec.parked and rec.run_id == rt.run_id:
+        # Failed, so doit does not remember it: running this task again is what retries the file.
+        return TaskFailed(logs.printable(f"{server}: {_parked_line(rec)}\n  fix it, then run this task "
+                                         f"again ({RECOVER_HINT[rec.error_kind]})"))
     return {"ran": True}
 
 
@@ -562,6 +568,11 @@ def settle_server(server):
                          if key in parked_now]}
 
 
+def _parked_line(rec):
+    return (f"{planning.label(rec.remote_path or rec.local_name)} parked in "
+            f"error/{rec.error_kind}/{rec.server}: {rec.last_error}")
+
+
 def finish_server(server):
     """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
@@ -573,8 +584,7 @@ def finish_server(server):
     for rec in rt.store.records.get(server, {}).values():
         if rec.parked and rec.run_id == rt.run_id:
             kinds.add(rec.error_kind)
-            problems.append(f"{planning.label(rec.remote_path or rec.local_name)} parked in "
-                            f"error/{rec.error_kind}/{server}: {rec.last_error}")
+            problems.append(_parked_line(rec))
     rt.store.write_index(server)
     if not problems:
         return True

@@ -76,6 +76,22 @@ def test_extract_one_local_file(env, tmp_path):
     assert "remote.gz" not in proc.stdout
     assert (env.data / "extracted" / "srv1" / "manual.log").read_bytes() == b"by hand\n"
     assert not (env.data / "extracted" / "srv1" / "remote").exists()
+    [rec] = env.records("srv1")  # made durable by the task itself: no group ran
+    assert (rec["origin"], rec["status"], rec["local_name"]) == ("local", "processed", "manual.log.gz")
+
+
+def test_one_file_task_fails_when_it_parks_the_file_and_reruns_it(env):
+    """`doit run extract:srv1/FILE` exits 1 if FILE is parked; the same command tries it again."""
+    (env.remote("srv1") / "bad.gz").write_bytes(b"not gzip at all")
+    env.configure(pipeline={"min_file_age_seconds": 0})
+    proc = env.doit("run", "extract:srv1/bad.gz")
+    assert proc.returncode == 1 and "parked in error/quarantine/srv1" in proc.stdout
+    [rec] = env.records("srv1")
+    assert rec["status"] == "error" and rec["attempts"]["fetch"] == 1
+    put(env, "srv1", "bad.gz", "fixed")  # the operator replaces it on the server
+    env.doit("run", "extract:srv1/bad.gz", check=0)
+    assert (env.data / "extracted" / "srv1" / "bad").read_bytes() == data("fixed")
+    assert env.records("srv1")[0]["status"] == "processed"
 
 
 def test_recover_extract_errors_and_all(env):
