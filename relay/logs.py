@@ -15,20 +15,23 @@ _encoder = msgspec.json.Encoder()
 class JsonFormatter(logging.Formatter):
     """One JSON object a line with UTC timestamps ending in Z."""
 
+    _second, _stamp = None, ""  # the last second formatted (a run logs thousands of lines in one)
+
     def format(self, record):
         seconds = int(record.created)
-        micros = int((record.created - seconds) * 1_000_000)
+        if seconds != self._second:
+            self._second, self._stamp = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         doc = {
-            "timestamp": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{micros:06d}Z",
+            "timestamp": f"{self._stamp}.{min(999_999, int((record.created - seconds) * 1_000_000)):06d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
         }
+        fields = record.__dict__
         for field in FIELDS:
-            value = getattr(record, field, None)
+            value = fields.get(field)
             if value is not None:
                 doc[field] = printable(value) if isinstance(value, str) else value
-        doc["message"] = printable(doc["message"])
         return _encoder.encode(doc).decode("utf-8")
 
 

@@ -4,6 +4,7 @@ per file — and the run context they share."""
 import collections
 import concurrent.futures
 import os
+import queue
 import threading
 import time
 import uuid
@@ -399,10 +400,12 @@ def submit_extract(rt, server, key):
             # (measured: more CPU, no more throughput); they take turns in one lane.
             rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=rt.settings.max_workers, thread_name_prefix="extract")
-            rt.small_lane = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="small")
+            rt.small_lane = Lane("small")
         rec = rt.record(server, key)
-        pool = rt.extract_pool if rec is not None and rec.size >= LARGE_BYTES else rt.small_lane
-        rt.extract_futures[server].append(pool.submit(_advance, rt, server, key))
+        if rec is not None and rec.size >= LARGE_BYTES:
+            rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
+        else:
+            rt.small_lane.submit(server, _advance, rt, server, key)
 
 
 def _advance(rt, server, key):
@@ -550,9 +553,52 @@ def _wait_all(rt, server):
     while True:
         for future in futures:
             future.result()
+        if rt.small_lane is not None:
+            rt.small_lane.wait(server)
         if len(outstanding()) == len(futures):
             return
         futures = outstanding()
+
+
+class Lane:
+    """One background thread running jobs in order, with a count of each server's jobs not yet done.
+
+    Small files come by thousands: a future per file (an executor) costs more than their extraction."""
+
+    def __init__(self, name):
+        self._jobs = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._pending = collections.Counter()  # server -> jobs queued or running
+        self._errors = collections.defaultdict(list)  # server -> exceptions raised by its jobs
+        # A daemon: a run that stops early (a doit error) must not hang on it; what it finished by
+        # then is recorded at exit, what it had not is done again next run.
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, server, fn, *args):
+        """Queue fn(*args) as a job of `server`."""
+        with self._done:
+            self._pending[server] += 1
+        self._jobs.put((server, fn, args))
+
+    def _work(self):
+        while True:
+            server, fn, args = self._jobs.get()
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for the server
+                self._errors[server].append(exc)
+            finally:
+                with self._done:
+                    self._pending[server] -= 1
+                    if not self._pending[server]:
+                        self._done.notify_all()
+
+    def wait(self, server):
+        """Block until every job of `server` is done; re-raise the first error one of them raised."""
+        with self._done:
+            self._done.wait_for(lambda: not self._pending[server])
+        if self._errors[server]:
+            raise self._errors[server][0]
 
 
 def settle_server(server):
