@@ -364,3 +364,18 @@ def test_control_socket_directory_must_be_ours(tmp_path):
     os.chown(path, 12345, 12345)
     with pytest.raises(remote.RemoteError, match="not a directory owned by this user"):
         remote.private_dir(str(path))
+
+
+def test_lane_runs_jobs_in_order_and_hands_errors_to_the_waiter():
+    from relay.stages import Lane
+    lane, seen = Lane("test"), []
+    gate = __import__("threading").Event()
+    lane.submit("a", gate.wait)  # holds the lane until released: wait() must not return early
+    for i in range(3):
+        lane.submit("a", seen.append, i)
+    lane.submit("b", lambda: 1 / 0)
+    gate.set()
+    lane.wait("a")
+    assert seen == [0, 1, 2]
+    with pytest.raises(ZeroDivisionError):
+        lane.wait("b")
