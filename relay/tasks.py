@@ -139,8 +139,11 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     records = {s.name: rt.store.load_server(s.name) for s in servers}
     incoming = {s.name: scan_incoming(rt, s.name, warn=process_incoming) for s in servers}
     now = time.time() if now is None else now
-    for srv in servers:
-        plan = planning.plan_server(srv.name, records[srv.name], futures[srv.name].result(),
+    by_future = {futures[srv.name]: srv for srv in servers}
+    # Each server as soon as its listing is in: its transfers start while the others still list.
+    for future in concurrent.futures.as_completed(by_future):
+        srv = by_future[future]
+        plan = planning.plan_server(srv.name, records[srv.name], future.result(),
                                     incoming[srv.name], now, settings.min_file_age_seconds,
                                     drops=process_incoming)
         for skip in plan.skipped:
@@ -152,6 +155,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
         rt.plans[srv.name] = plan
         if srv.name in rt.awaited:
             stages.start_server(srv.name)
+    rt.plans = {srv.name: rt.plans[srv.name] for srv in servers}  # tasks in configuration order
     pool.shutdown()
     gc.freeze()
     gc.enable()
