@@ -232,31 +232,26 @@ def test_free_space_reserve_is_an_extract_error(tmp_path):
 
 
 def test_disk_full_is_retryable_extract_error(tmp_path, monkeypatch):
-    real_open = open
+    real_write = os.write
+    part_fds = set()
+    real_open = os.open
 
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
+    def tracking_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        if str(path).endswith(".part"):
+            part_fds.add(fd)
+        return fd
 
-        def write(self, data):
+    def full_write(fd, data):
+        if fd in part_fds:
             raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
 
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-    def fake_open(path, mode="r", *a, **k):
-        fh = real_open(path, mode, *a, **k)
-        return Full(fh) if str(path).endswith(".part") else fh
-
-    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "write", full_write)
     with pytest.raises(ArchiveError, match="disk full"):
         extract(tmp_path, gzip.compress(b"data"))
+    monkeypatch.undo()
     assert not (tmp_path / "out.part").exists()
 
 
