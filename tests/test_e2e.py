@@ -183,6 +183,24 @@ def test_list_info_and_recovery_by_forget(env):
     assert rec["status"] == "processed" and rec["attempts"]["extract"] == 1
 
 
+def test_files_parked_by_a_whole_server_run_are_retried_one_by_one_after_forget(env):
+    """A run of the whole server parks files without a doit task each; `settle` still hands them to
+    doit, so that forgetting one file's task retries that file, and only it."""
+    for name in ("one.gz", "two.gz"):
+        (env.remote("srv1") / name).write_bytes(b"not gzip " + name.encode())
+        os.utime(env.remote("srv1") / name, (1_700_000_000, 1_700_000_000))
+    assert env.doit("run").returncode == 1
+    env.doit("run", check=0)  # parked earlier: left alone, no failure
+    attempts = {r["local_name"]: r["attempts"]["fetch"] for r in env.records("srv1")}
+    assert attempts == {"one.gz": 1, "two.gz": 1}
+    put(env, "srv1", "one.gz", logs("one"))  # the operator replaces one of them on the server
+    env.doit("forget", "extract:srv1/one.gz", check=0)
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "one").read_bytes() == logs("one")
+    after = {r["local_name"]: (r["status"], r["attempts"].get("fetch")) for r in env.records("srv1")}
+    assert after == {"one.gz": ("processed", 2), "two.gz": ("error", 1)}  # fetched again; left alone
+
+
 def test_missing_and_unreadable_file_parked_in_error_copy(env):
     put(env, "srv1", "ok.gz", logs("ok"))
     locked = put(env, "srv1", "locked.gz", logs("locked"))
