@@ -112,6 +112,15 @@ def naive_script(box, servers, out_dir):
     return "\n".join(lines) + "\n"
 
 
+def bare_spec(box, servers, work, out_dir):
+    """The JSON spec of bench/bare.py for these servers."""
+    return json.dumps({
+        "work": str(work), "out": str(out_dir), "known_hosts": box.known_hosts, "client_key": box.client_key,
+        "password": box.password, "servers": [
+            {"name": s.name, "address": s.address, "port": s.port, "user": sandbox.SANDBOX_USER, "auth": s.auth,
+             "remote_dir": s.remote_dir} for s in servers]})
+
+
 def reset(*paths):
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
@@ -133,10 +142,11 @@ def digest_tree(root):
 class Bench:
     """One work area on tmpfs with three sshd servers, reused by every workload."""
 
-    def __init__(self, rounds):
+    def __init__(self, rounds, bare=False):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.root = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=base))
         self.rounds = rounds
+        self.bare = bare  # also time bench/bare.py, the floor of a plain Python pipeline
         self.box = sandbox.Sandbox(str(self.root / "servers"), count=3, password_servers=(2,)).start()
         self.env = self.box.environ()
         self.env["SSHPASS"] = self.box.password  # for the naive script's `sshpass -e`
@@ -178,7 +188,10 @@ class Bench:
         naive_out = self.root / "naive" / name
         script = self.root / f"naive-{name}.sh"
         script.write_text(naive_script(self.box, [_Remote(s, name) for s in servers], naive_out))
-        ours_t, naive_t, rss = [], [], []
+        bare_work, bare_out = self.root / "bare" / name, self.root / "bare-out" / name
+        bare_file = self.root / f"bare-{name}.json"
+        bare_file.write_text(bare_spec(self.box, [_Remote(s, name) for s in servers], bare_work, bare_out))
+        ours_t, naive_t, bare_t, rss = [], [], [], []
         for _ in range(self.rounds):
             reset(work / "data", work / "state", work / "tmp", work / "logs")
             wall, peak = measure(argv, env, str(work))
@@ -186,12 +199,20 @@ class Bench:
             rss.append(peak)
             reset(naive_out)
             naive_t.append(measure(["bash", str(script)], self.env, str(self.root))[0])
+            if self.bare:
+                reset(bare_work, bare_out)
+                bare_t.append(measure([sys.executable, str(REPO / "bench" / "bare.py"), str(bare_file)],
+                                      self.env, str(self.root))[0])
         ours_files = digest_tree(work / "data" / "extracted")
         naive_files = {k: v for k, v in digest_tree(naive_out).items() if not k.endswith(".gz")}
         identical = ours_files == naive_files and len(ours_files) == len(paths)
+        if self.bare:
+            identical = identical and digest_tree(bare_out) == naive_files
         out_bytes = sum(os.path.getsize(p) for p in (work / "data" / "extracted").rglob("*") if p.is_file())
         ours_med, naive_med = statistics.median(ours_t), statistics.median(naive_t)
-        return {"workload": name, "files": len(paths), "compressed_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
+        bare = {"bare_s": round(statistics.median(bare_t), 3),
+                "bare_ratio": round(statistics.median(bare_t) / naive_med, 3)} if bare_t else {}
+        return {**bare, "workload": name, "files": len(paths), "compressed_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
                 "extracted_mb": round(out_bytes / 1e6, 1), "compression_ratio": round(ratio, 1),
                 "ours_s": round(ours_med, 3), "naive_s": round(naive_med, 3),
                 "ratio": round(ours_med / naive_med, 3), "ours_peak_rss_mb": round(max(rss), 1),
@@ -249,11 +270,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 3, quick 1)")
     parser.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--bare", action="store_true",
+                        help="also time bench/bare.py: a plain Python pipeline with no doit, sh, state, logs or "
+                             "durability, the floor for any tool on this machine")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the benchmark starts sshd servers and needs root")
     chosen = [w for w in WORKLOADS if not args.only or w in args.only.split(",")]
-    bench = Bench(args.rounds or (1 if args.quick else 3))
+    bench = Bench(args.rounds or (1 if args.quick else 3), bare=args.bare)
     results = []
     try:
         corpus = Corpus(args.seed)
@@ -269,6 +293,10 @@ def main():
         bench.close()
     if args.json:
         print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "bare_s" in r:
+                print(f"{r['workload']}: bare pipeline (bench/bare.py) {r['bare_s']} s = {r['bare_ratio']} x naive")
     bad = [r["workload"] for r in results if r.get("identical_output") is False]
     if bad:
         sys.exit(f"extracted output differs from the naive script's for: {', '.join(bad)}")
