@@ -116,7 +116,11 @@ def plan_server(server, records, entries, incoming, now, min_age, drops=True):
     by_path = {r.remote_path: r for r in records.values() if r.origin == "remote"}
     landed = {name: (size, mtime) for name, size, mtime in incoming or ()}
     seen = set()
+    listed_paths = set()
     for entry in entries or ():
+        if entry.path in listed_paths:
+            continue  # matched by two of the server's remote_path patterns: one file all the same
+        listed_paths.add(entry.path)
         if entry.kind != "f":
             plan.skipped.append(Skip(entry.path, f"not a regular file (type {entry.kind})"))
             continue

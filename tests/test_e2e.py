@@ -201,6 +201,16 @@ def test_files_parked_by_a_whole_server_run_are_retried_one_by_one_after_forget(
     assert after == {"one.gz": ("processed", 2), "two.gz": ("error", 1)}  # fetched again; left alone
 
 
+def test_file_matched_by_two_patterns_is_processed_once(env):
+    put(env, "srv1", "app.log.1.gz", logs("app"))
+    env.configure(patterns=("*.gz", "app*.gz"))
+    listed = env.doit("list", "--all", check=0).stdout
+    assert listed.count("extract:srv1/app.log.1.gz") == 1 and "~" not in listed
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "app.log.1").read_bytes() == logs("app")
+    assert [r["status"] for r in env.records("srv1")] == ["processed"]
+
+
 def test_missing_and_unreadable_file_parked_in_error_copy(env):
     put(env, "srv1", "ok.gz", logs("ok"))
     locked = put(env, "srv1", "locked.gz", logs("locked"))

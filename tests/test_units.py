@@ -322,6 +322,12 @@ def test_plan_adopts_a_copy_already_fetched_into_incoming():
     assert not [w for w in plan.due if w.record.origin == "local"]  # drops off: nothing else taken
 
 
+def test_plan_counts_a_file_matched_by_two_patterns_once():
+    plan = planning.plan_server("s", {}, [entry("/l/a.gz"), entry("/l/a.gz"), entry("/l/b.gz")], None,
+                                now=10_000, min_age=0)
+    assert sorted(w.record.local_name for w in plan.due) == ["a.gz", "b.gz"]
+
+
 def test_plan_same_basename_in_two_directories_gets_distinct_names():
     plan = planning.plan_server("s", {}, [entry("/a/x.gz"), entry("/b/x.gz")], None, now=10_000, min_age=0)
     names = sorted(w.record.local_name for w in plan.due)
