@@ -37,6 +37,7 @@ class Runtime:
         self.layout = Layout(settings)
         self.store = store or state.Store(settings.state_dir)
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.started = time.monotonic()
         self.log = logs.get()
         self.connections = {s.name: Connection(settings, s) for s in settings.servers}
         self.plans = {}  # server -> Plan
@@ -627,11 +628,24 @@ def finish_server(server):
     problems, kinds = [], set()
     if server in rt.listing_errors:
         problems.append(f"listing failed: {rt.listing_errors[server]}")
+    processed = duplicates = extracted_bytes = 0
     for rec in rt.store.records.get(server, {}).values():
-        if rec.parked and rec.run_id == rt.run_id:
+        if rec.run_id != rt.run_id:
+            continue
+        if rec.parked:
             kinds.add(rec.error_kind)
             problems.append(_parked_line(rec))
+        elif rec.status == state.PROCESSED and rec.duplicate_of:
+            duplicates += 1
+        elif rec.status == state.PROCESSED:
+            processed += 1
+            extracted_bytes += rec.extracted_size
     rt.store.write_index(server)
+    parked = len(problems) - (server in rt.listing_errors)
+    rt.emit(30 if problems else 20, f"run summary: {processed} file(s) processed, {duplicates} duplicate(s), "
+            f"{parked} parked{', listing failed' if server in rt.listing_errors else ''}", None,
+            server=server, operation="summary", bytes=extracted_bytes,
+            duration_ms=round((time.monotonic() - rt.started) * 1000, 1))
     if not problems:
         return True
     hints = [f"then recover with: doit forget -s recover:{kind}/{server} && doit run  ({RECOVER_HINT[kind]})"

@@ -1,6 +1,7 @@
 """End to end: real rsync over real ssh against three sshd servers on loopback (one with a password)."""
 
 import gzip
+import json
 import os
 import random
 
@@ -44,6 +45,11 @@ def test_full_run_extracts_everything_byte_identical_and_records_state(env):
         assert rec["extracted_sha256"] == sha(open(rec["extracted_path"], "rb").read())
     log = (env.work / "logs" / "logpipe-relay.log").read_text()
     assert '"operation":"extract"' in log and env.box.password not in log
+    summaries = {d["server"]: d for d in map(json.loads, log.splitlines()) if d.get("operation") == "summary"}
+    assert set(summaries) == {"srv1", "srv2", "srv3"}
+    assert summaries["srv1"]["message"] == "run summary: 2 file(s) processed, 0 duplicate(s), 0 parked"
+    assert summaries["srv1"]["bytes"] == len(expected[("srv1", "app.log.1")]) + len(expected[("srv1", "app.log.2")])
+    assert summaries["srv1"]["level"] == "INFO"
 
 
 def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
