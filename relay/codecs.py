@@ -97,7 +97,8 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
                     decomp = _zlib.decompressobj(31)
                 sink.write(decomp.decompress(data, CHUNK))
                 data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
-            block = os.read(src_fd, step)
+            # A short read means the end: no extra call just to be told so.
+            block = os.read(src_fd, step) if len(block) == step else b""
         while not decomp.eof:
             piece = decomp.decompress(b"", CHUNK)
             if not piece:
