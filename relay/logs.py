@@ -44,6 +44,40 @@ class TextFormatter(logging.Formatter):
         return printable(f"{stamp} {record.levelname} {record.getMessage()} {extras}".rstrip())
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The log file, reopened if logrotate moved it; a batch of lines goes out in one write."""
+
+    def emit_batch(self, records):
+        """Format `records` and append them with one rotation check and one write."""
+        if not records:
+            return
+        self.acquire()
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write("".join(self.format(r) + self.terminator for r in records))
+            self.stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the run (as Handler.emit does)
+            self.handleError(records[-1])
+        finally:
+            self.release()
+
+
+class _Batches(logging.handlers.MemoryHandler):
+    """Holds lines until 256 are waiting, a warning comes, or the process ends; then one write."""
+
+    def flush(self):
+        self.acquire()
+        try:
+            if self.target is not None and self.buffer:
+                self.target.emit_batch([r for r in self.buffer
+                                        if r.levelno >= self.target.level and self.target.filter(r)])
+                self.buffer.clear()
+        finally:
+            self.release()
+
+
 def printable(text):
     """`text` with undecodable file-name bytes shown as \\xNN, safe to print and to encode."""
     if text.isascii():
@@ -64,12 +98,12 @@ def setup(log_dir, log_format="json", level="INFO"):
         logger.removeHandler(handler)
         handler.close()
     os.makedirs(log_dir, exist_ok=True)
-    file_handler = logging.handlers.WatchedFileHandler(os.path.join(log_dir, "logpipe-relay.log"),
-                                                       encoding="utf-8", errors="backslashreplace")
+    file_handler = _LogFile(os.path.join(log_dir, "logpipe-relay.log"), encoding="utf-8",
+                            errors="backslashreplace")
     file_handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     # Lines are written in batches (a flush per line costs more than the work it describes);
     # a warning or an error flushes at once, and so does the end of the process.
-    buffered = logging.handlers.MemoryHandler(capacity=256, flushLevel=logging.WARNING, target=file_handler)
+    buffered = _Batches(capacity=256, flushLevel=logging.WARNING, target=file_handler)
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(TextFormatter())

@@ -3,6 +3,7 @@
 import errno
 import gzip
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -380,3 +381,23 @@ def test_lane_runs_jobs_in_order_and_hands_errors_to_the_waiter():
     assert seen == [0, 1, 2]
     with pytest.raises(ZeroDivisionError):
         lane.wait("b")
+
+
+def test_log_lines_go_out_in_batches_and_follow_logrotate(tmp_path):
+    from relay import logs
+    log = logs.setup(str(tmp_path / "a"))
+    path = tmp_path / "a" / "logpipe-relay.log"
+    for i in range(300):  # 256 make a batch; the rest wait for a warning or the end
+        log.info(f"line {i}", extra={"server": "s", "bytes": i})
+    assert len(path.read_text().splitlines()) == 256
+    log.warning("now")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [d["message"] for d in lines] == [f"line {i}" for i in range(300)] + ["now"]
+    assert lines[5]["bytes"] == 5 and lines[5]["server"] == "s" and lines[5]["timestamp"].endswith("Z")
+    path.rename(path.with_suffix(".log.1"))  # logrotate moves the file away
+    log.warning("after")
+    assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == ["after"]
+    for handler in list(log.handlers):  # leave no handler on a deleted directory to later tests
+        log.removeHandler(handler)
+        handler.close()
+    log._relay_configured = None
