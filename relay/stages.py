@@ -49,9 +49,8 @@ class Runtime:
         self.arrivals = {}  # (server, key) -> Event set when the file is in incoming/ (or given up)
         self.fetch_pool = None
         self.fetch_futures = collections.defaultdict(list)
-        self.extract_pool = None
-        self.small_lane = None
-        self.extract_futures = collections.defaultdict(list)
+        self.small_lane = None  # extraction of small files (see submit_extract)
+        self.large_lane = None  # extraction of large files
         self.awaited = set()  # servers whose extract:<server> group runs this invocation and waits
         self.prepare = None  # one-off work before the first action (set by relay.tasks.load)
         self._locks = collections.defaultdict(threading.Lock)
@@ -127,11 +126,10 @@ class Runtime:
         """Log one structured event about `rec`."""
         if not self.log.isEnabledFor(level):
             return
-        extra = dict(fields)
-        if rec is not None:
-            extra.setdefault("server", rec.server)
-            extra.setdefault("file", planning.label(rec.remote_path or rec.local_name))
-        self.log.log(level, message, extra=extra)
+        if rec is not None:  # `fields` is this call's own dict
+            fields.setdefault("server", rec.server)
+            fields.setdefault("file", planning.label(rec.remote_path or rec.local_name))
+        self.log.log(level, message, extra=fields)
 
     def slot(self, server):
         """The per-server concurrency cap."""
@@ -154,9 +152,10 @@ RUNTIME = None  # set by relay.tasks when the dodo file loads, or by tests
 
 
 def _rt():
-    """The run's Runtime, its data tree made and stale temps swept before the first action works.
+    """The run's Runtime, its data tree made and stale temps swept before any work starts.
 
-    Done here rather than at load time, so that `doit list`, `info` and `forget` write nothing."""
+    Done on first use (the first action, or a doit run starting its work while it loads), never for
+    `doit list`, `info` or `forget`, which write nothing."""
     rt = RUNTIME
     if rt is None:
         raise RuntimeError("relay.stages.RUNTIME is not set")
@@ -395,18 +394,15 @@ def submit_extract(rt, server, key):
         if (server, key) in rt.submitted:
             return
         rt.submitted.add((server, key))
-        if rt.extract_pool is None:
+        if rt.small_lane is None:
             # Large files: their work is in C (isal, hashing, I/O) and runs on every core at once.
             # Small ones: mostly Python, so a second thread only fights the first for the GIL
-            # (measured: more CPU, no more throughput); they take turns in one lane.
-            rt.extract_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=rt.settings.max_workers, thread_name_prefix="extract")
+            # (measured: more CPU, no more throughput); they take turns in one thread.
+            rt.large_lane = Lane("large", threads=rt.settings.max_workers)
             rt.small_lane = Lane("small")
         rec = rt.record(server, key)
-        if rec is not None and rec.size >= LARGE_BYTES:
-            rt.extract_futures[server].append(rt.extract_pool.submit(_advance, rt, server, key))
-        else:
-            rt.small_lane.submit(server, _advance, rt, server, key)
+        lane = rt.large_lane if rec is not None and rec.size >= LARGE_BYTES else rt.small_lane
+        lane.submit(server, _advance, rt, server, key)
 
 
 def _advance(rt, server, key):
@@ -546,34 +542,33 @@ RECOVER_HINT = {
 
 
 def _wait_all(rt, server):
-    """Wait for the server's background fetches and extractions (fetches add extractions as files land)."""
-    def outstanding():
-        return [*rt.fetch_futures.get(server, ()), *rt.extract_futures.get(server, ())]
-
-    futures = outstanding()
+    """Wait for the server's background fetches and extractions (fetches add extractions as files land,
+    and an extraction may start a fetch again)."""
     while True:
-        for future in futures:
+        fetches = list(rt.fetch_futures.get(server, ()))
+        for future in fetches:
             future.result()
-        if rt.small_lane is not None:
-            rt.small_lane.wait(server)
-        if len(outstanding()) == len(futures):
+        for lane in (rt.small_lane, rt.large_lane):
+            if lane is not None:
+                lane.wait(server)
+        if len(rt.fetch_futures.get(server, ())) == len(fetches):
             return
-        futures = outstanding()
 
 
 class Lane:
-    """One background thread running jobs in order, with a count of each server's jobs not yet done.
+    """Background threads taking jobs in order, with a count of each server's jobs not yet done.
 
-    Small files come by thousands: a future per file (an executor) costs more than their extraction."""
+    Files come by thousands: a future per file (an executor) costs more than a small file's extraction."""
 
-    def __init__(self, name):
+    def __init__(self, name, threads=1):
         self._jobs = queue.SimpleQueue()
         self._done = threading.Condition()
         self._pending = collections.Counter()  # server -> jobs queued or running
         self._errors = collections.defaultdict(list)  # server -> exceptions raised by its jobs
-        # A daemon: a run that stops early (a doit error) must not hang on it; what it finished by
-        # then is recorded at exit, what it had not is done again next run.
-        threading.Thread(target=self._work, name=name, daemon=True).start()
+        # Daemons: a run that stops early (a doit error) must not hang on them; what they finished by
+        # then is recorded at exit, what they had not is done again next run.
+        for number in range(threads):
+            threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True).start()
 
     def submit(self, server, fn, *args):
         """Queue fn(*args) as a job of `server`."""
@@ -609,8 +604,7 @@ def settle_server(server):
     plan = rt.plans.get(server)
     if plan is None:
         return {"task_dep": []}
-    parked_now = {w.key for w in plan.due if rt.record(server, w.key).parked
-                  and rt.record(server, w.key).run_id == rt.run_id}
+    parked_now = {w.key for w in plan.due if (rec := rt.record(server, w.key)).parked and rec.run_id == rt.run_id}
     return {"task_dep": [f"extract:{server}/{label}" for key, label in planning.task_labels(plan).items()
                          if key in parked_now]}
 
@@ -625,25 +619,24 @@ def finish_server(server):
     rt = _rt()
     _wait_all(rt, server)
     rt.flush()
-    problems, kinds = [], set()
-    if server in rt.listing_errors:
-        problems.append(f"listing failed: {rt.listing_errors[server]}")
+    listing = [f"listing failed: {rt.listing_errors[server]}"] if server in rt.listing_errors else []
+    parked, kinds = [], set()
     processed = duplicates = extracted_bytes = 0
     for rec in rt.store.records.get(server, {}).values():
         if rec.run_id != rt.run_id:
             continue
         if rec.parked:
             kinds.add(rec.error_kind)
-            problems.append(_parked_line(rec))
+            parked.append(_parked_line(rec))
         elif rec.status == state.PROCESSED and rec.duplicate_of:
             duplicates += 1
         elif rec.status == state.PROCESSED:
             processed += 1
             extracted_bytes += rec.extracted_size
     rt.store.write_index(server)
-    parked = len(problems) - (server in rt.listing_errors)
+    problems = listing + parked
     rt.emit(30 if problems else 20, f"run summary: {processed} file(s) processed, {duplicates} duplicate(s), "
-            f"{parked} parked{', listing failed' if server in rt.listing_errors else ''}", None,
+            f"{len(parked)} parked{', listing failed' if listing else ''}", None,
             server=server, operation="summary", bytes=extracted_bytes,
             duration_ms=round((time.monotonic() - rt.started) * 1000, 1))
     if not problems:

@@ -217,7 +217,6 @@ class Store:
         if server not in self._index_stale:
             return
         self._index_stale.discard(server)
-        entries = {}
         try:
             dir_mtime = os.stat(self._dir(server)).st_mtime_ns
         except FileNotFoundError:
