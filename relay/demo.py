@@ -4,13 +4,14 @@ Run as root: `python -m relay.demo [WORK_DIR]`. Prints where every file went, th
 run has nothing to do. The servers stop at the end; the data tree stays for you to look at.
 """
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from . import sandbox
+import msgspec
+
+from . import sandbox, state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,7 @@ def report(work):
     """Per server: what was fetched, extracted and parked, with paths (read from the state records)."""
     lines = []
     for server_dir in sorted((work / "state" / "records").iterdir()):
-        records = [json.loads(p.read_bytes()) for p in sorted(server_dir.glob("*.json"))]
+        records = [msgspec.to_builtins(r) for _, r in sorted(state.read_records(str(work / "state"), server_dir.name).items())]
         fetched = [r for r in records if r["origin"] == "remote" and r["status"] != "pending"]
         extracted = [r for r in records if r["extracted_path"]]
         parked = [r for r in records if r["status"] == "error"]

@@ -1,4 +1,5 @@
-"""The durable truth: one msgspec record per file under STATE_DIR, written atomically, plus a rebuildable index."""
+"""The durable truth: one msgspec record per remote file under STATE_DIR, written atomically (alone or in a
+batch file), plus a rebuildable index."""
 
 import hashlib
 import os
@@ -41,7 +42,8 @@ class Record(msgspec.Struct, kw_only=True):
     run_id: str = ""  # the run that last changed status
     created_at: float = 0.0
     updated_at: float = 0.0
-    raw: dict = {}  # field -> bytes, for values that are not valid UTF-8 (odd file names)
+    raw: dict[str, bytes] = {}  # field -> exact bytes, for values that are not valid UTF-8 (odd file names)
+    rev: int = 0  # order of writes among the server's records: a key's highest is its latest
 
     @property
     def parked(self):
@@ -97,9 +99,16 @@ class _PackedRecord(Record, array_like=True):
     """A Record stored as an array in the index: the same fields, about twice as fast to decode."""
 
 
-class _IndexEntry(msgspec.Struct, array_like=True):
+class _HeldIn(msgspec.Struct, array_like=True):
+    """A records file as the index saw it."""
+
+    name: str
     mtime_ns: int
     size: int
+
+
+class _IndexEntry(msgspec.Struct, array_like=True):
+    file: int  # position in _Index.files of the file holding this (latest) record
     record: _PackedRecord
 
 
@@ -108,21 +117,54 @@ _index_encoder = msgspec.msgpack.Encoder()
 class _Index(msgspec.Struct):
     dir_mtime_ns: int  # of the records directory when the index was written: every record write
     count: int         # renames a file into it, so an unchanged mtime means unchanged records
+    files: list[_HeldIn]
     entries: dict[str, _IndexEntry]
+    batches: list[str] = []  # every batch file in the directory, for compaction
 
 
 _index_decoder = msgspec.msgpack.Decoder(_Index)
+_batch_decoder = msgspec.json.Decoder(list[Record])
+
+BATCH_PREFIX = "batch-"
+# More batch files than this in a server's directory, and the next index write merges them into one.
+COMPACT_BATCHES = 16
+
+
+def is_batch(name):
+    """True for the name of a batch file (many records in one JSON array)."""
+    return name.startswith(BATCH_PREFIX)
+
+
+class _Scan:
+    """What one server's records directory holds: the latest record of each key and where it lives."""
+
+    def __init__(self):
+        self.records = {}  # key -> latest Record
+        self.holders = {}  # key -> name of the file holding it
+        self.stats = {}  # file name -> (mtime_ns, size)
+        self.batches = set()  # names of every batch file, holding a latest record or not
+        self.rev = 0  # the highest rev seen
+
+    def take(self, record, name):
+        current = self.records.get(record.key)
+        if current is None or record.rev > current.rev:
+            self.records[record.key] = record
+            self.holders[record.key] = name
+        if record.rev > self.rev:
+            self.rev = record.rev
 
 
 class Store:
-    """Per-server record files `records/<server>/<key>.json` and an index that only speeds up loading."""
+    """Per-server records under `records/<server>/`: a file per record (`<key>.json`, rare transitions)
+    or many records per batch file (`batch-<rev>.json`, a flush); the highest `rev` of a key wins.
+    An index only speeds up loading."""
 
     def __init__(self, state_dir):
         self.state_dir = state_dir
         self.records = {}  # server -> key -> latest Record known to this process
         self._index_stale = set()  # servers whose index misses a record change
         self._made = set()  # servers whose records directory exists
-        self._stats = {}  # server -> key -> (mtime_ns, size) of its record file, as the index keeps them
+        self._scans = {}  # server -> _Scan of its directory, kept up to date by every write
 
     def _dir(self, server):
         return os.path.join(self.state_dir, "records", server)
@@ -131,79 +173,137 @@ class Store:
         return os.path.join(self.state_dir, "index", f"{server}.msgpack")
 
     def path(self, record):
-        """Where `record` lives on disk."""
+        """Where `record` lives on disk when written on its own."""
         return os.path.join(self._dir(record.server), f"{record.key}.json")
 
-    def _write(self, record, run_id, writer):
+    def _scan(self, server):
+        if server not in self._scans:
+            self._scans[server] = self._read_dir(server, sweep=True)
+            self.records.setdefault(server, {}).update(
+                {k: r for k, r in self._scans[server].records.items() if k not in self.records.get(server, {})})
+        return self._scans[server]
+
+    def _stamp(self, record, run_id, scan):
         record.updated_at = time.time()
         record.created_at = record.created_at or record.updated_at
         if run_id is not None:
             record.run_id = run_id
-        if record.server not in self._made:
-            os.makedirs(self._dir(record.server), exist_ok=True)
-            self._made.add(record.server)
-        st = writer(self.path(record), encode(record))
-        self._stats.setdefault(record.server, {})[record.key] = (st.st_mtime_ns, st.st_size)
+        scan.rev += 1
+        record.rev = scan.rev
+
+    def _ensure_dir(self, server):
+        if server not in self._made:
+            os.makedirs(self._dir(server), exist_ok=True)
+            self._made.add(server)
+
+    def _held(self, scan, record, name, st):
+        scan.records[record.key] = record
+        scan.holders[record.key] = name
+        scan.stats[name] = (st.st_mtime_ns, st.st_size)
         self.records.setdefault(record.server, {})[record.key] = record
         self._index_stale.add(record.server)
 
     def save(self, record, run_id=None):
-        """Write `record` atomically and durably (fsync)."""
-        self._write(record, run_id, durable.write_atomic)
+        """Write `record` on its own, atomically and durably (fsync)."""
+        scan = self._scan(record.server)
+        self._stamp(record, run_id, scan)
+        self._ensure_dir(record.server)
+        st = durable.write_atomic(self.path(record), encode(record))
+        self._held(scan, record, f"{record.key}.json", st)
 
     def save_batch(self, records, run_id=None):
-        """Write many records (temp + rename each), then make them all durable with one syncfs."""
+        """Write many records as one batch file per server (temp + rename), then make them durable
+        with one syncfs; a record file of its own that a batch supersedes is removed after."""
+        by_server = {}
         for record in records:
-            self._write(record, run_id, durable.replace_unsynced)
+            by_server.setdefault(record.server, []).append(record)
+        superseded = []
+        for server, group in by_server.items():
+            scan = self._scan(server)
+            for record in group:
+                self._stamp(record, run_id, scan)
+            self._ensure_dir(server)
+            name = f"{BATCH_PREFIX}{group[0].rev:012d}.json"
+            st = durable.replace_unsynced(os.path.join(self._dir(server), name),
+                                          b"[" + b",\n".join(map(encode, group)) + b"]")
+            scan.batches.add(name)
+            for record in group:
+                old = scan.holders.get(record.key)
+                if old is not None and not is_batch(old):
+                    superseded.append(os.path.join(self._dir(server), old))
+                    scan.stats.pop(old, None)
+                self._held(scan, record, name, st)
         if records:
             durable.syncfs(self.state_dir)
+        for path in superseded:  # after the syncfs: the batch holds their newer version
+            durable._unlink_quietly(path)
 
     def get(self, server, key) -> Optional[Record]:
-        """Read one record fresh from disk, or None."""
-        try:
-            with open(os.path.join(self._dir(server), f"{key}.json"), "rb") as fh:
-                return _from_disk(_record_decoder.decode(fh.read()))
-        except FileNotFoundError:
-            return None
+        """Read the latest record of `key` fresh from disk, or None (changes nothing on disk)."""
+        return self._read_dir(server, sweep=False).records.get(key)
 
     def load_server(self, server):
-        """All records of `server`, by key; decodes only the record files changed since the index."""
-        index = self._read_index(server)
-        records = self.records[server] = {}
-        stats = self._stats[server] = {}
+        """All records of `server`, by key; decodes only the files changed since the index."""
+        scan = self._scans[server] = self._read_dir(server, self._read_index(server), sweep=True)
+        self.records[server] = scan.records
+        if scan.records or scan.batches:
+            self._made.add(server)
+        return scan.records
+
+    def _read_dir(self, server, index=None, sweep=False):
+        scan = _Scan()
         directory = self._dir(server)
         try:
             dir_mtime = os.stat(directory).st_mtime_ns
         except FileNotFoundError:
-            return records
-        if index is not None and index.dir_mtime_ns == dir_mtime:
-            for key, cached in index.entries.items():
-                records[key] = _from_disk(cached.record)
-                stats[key] = (cached.mtime_ns, cached.size)
-            if len(records) == index.count:
-                return records
-            records.clear()
-            stats.clear()
-        cached_entries = index.entries if index is not None else {}
+            return scan
+        cached = {}  # file name -> (mtime_ns, size, [records])
+        if index is not None:
+            files = index.files
+            for key, entry in index.entries.items():
+                held = files[entry.file]
+                cached.setdefault(held.name, (held.mtime_ns, held.size, []))[2].append(_from_disk(entry.record))
+            if index.dir_mtime_ns == dir_mtime:
+                for name, (mtime_ns, size, recs) in cached.items():
+                    for record in recs:
+                        scan.take(record, name)
+                    scan.stats[name] = (mtime_ns, size)
+                scan.batches.update(index.batches)
+                if len(scan.records) == index.count:
+                    return scan
+                scan = _Scan()
         for entry in os.scandir(directory):
-            if entry.name.startswith(".tmp-"):
-                os.unlink(entry.path)  # an atomic write a crash interrupted
+            name = entry.name
+            if name.startswith(".tmp-"):
+                if sweep:
+                    os.unlink(entry.path)  # an atomic write a crash interrupted
                 continue
-            if not entry.name.endswith(".json"):
+            if not name.endswith(".json"):
                 continue
-            key = entry.name[:-5]
             st = entry.stat()
-            cached = cached_entries.get(key)
-            if cached is not None and (cached.mtime_ns, cached.size) == (st.st_mtime_ns, st.st_size):
-                records[key] = _from_disk(cached.record)
+            if is_batch(name):
+                scan.batches.add(name)
+            hit = cached.get(name)
+            if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+                found = hit[2]
             else:
-                record = self.get(server, key)
-                if record is None:
-                    continue
-                records[key] = record
-            stats[key] = (st.st_mtime_ns, st.st_size)
+                found = self._read_file(entry.path, name)
+            for record in found:
+                scan.take(record, name)
+            scan.stats[name] = (st.st_mtime_ns, st.st_size)
         self._index_stale.add(server)
-        return records
+        return scan
+
+    @staticmethod
+    def _read_file(path, name):
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        if is_batch(name):
+            return [_from_disk(r) for r in _batch_decoder.decode(data)]
+        return [_from_disk(_record_decoder.decode(data))]
 
     def _read_index(self, server):
         try:
@@ -212,31 +312,54 @@ class Store:
         except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
             return None
 
+    def _compact(self, server, scan):
+        """Merge the server's batch files into one (durably) and remove the others."""
+        held = [r for k, r in scan.records.items() if is_batch(scan.holders.get(k, ""))]
+        old = set(scan.batches)
+        if held:
+            name = f"{BATCH_PREFIX}{max(r.rev for r in held):012d}-merged.json"
+            self._ensure_dir(server)
+            st = durable.write_atomic(os.path.join(self._dir(server), name),
+                                      b"[" + b",\n".join(map(encode, held)) + b"]")
+            for record in held:
+                scan.holders[record.key] = name
+            scan.stats[name] = (st.st_mtime_ns, st.st_size)
+            old.discard(name)
+            scan.batches = {name}
+        else:
+            scan.batches = set()
+        for name in old:
+            durable._unlink_quietly(os.path.join(self._dir(server), name))
+            scan.stats.pop(name, None)
+
     def write_index(self, server):
-        """Rewrite the load-speed index of `server` from the records this process knows, if it changed."""
+        """Rewrite the load-speed index of `server` from the records this process knows, if it changed;
+        merge the batch files first when there are many."""
         if server not in self._index_stale:
             return
         self._index_stale.discard(server)
+        scan = self._scans.get(server)
+        if scan is None:
+            return
+        if len(scan.batches) > COMPACT_BATCHES:
+            self._compact(server, scan)
         try:
             dir_mtime = os.stat(self._dir(server)).st_mtime_ns
         except FileNotFoundError:
             return
-        stats = self._stats.get(server, {})
-        records = self.records.get(server, {})
+        records = scan.records  # as on disk: a record changed in memory but not yet written is not indexed
 
         def build(packed):
-            entries = {}
+            files, numbers, entries = [], {}, {}
             for key, record in records.items():
-                if key in stats:
-                    mtime_ns, size = stats[key]
-                else:
-                    try:
-                        st = os.stat(self.path(record))
-                    except FileNotFoundError:
-                        continue
-                    mtime_ns, size = st.st_mtime_ns, st.st_size
-                entries[key] = _IndexEntry(mtime_ns, size, packed(record))
-            return _index_encoder.encode(_Index(dir_mtime, len(entries), entries))
+                name = scan.holders.get(key)
+                if name is None or name not in scan.stats:
+                    continue
+                if name not in numbers:
+                    numbers[name] = len(files)
+                    files.append(_HeldIn(name, *scan.stats[name]))
+                entries[key] = _IndexEntry(numbers[name], packed(record))
+            return _index_encoder.encode(_Index(dir_mtime, len(entries), files, entries, sorted(scan.batches)))
 
         try:  # most records hold only valid UTF-8: convert them as they are
             data = build(lambda r: r if type(r) is _PackedRecord else _PackedRecord(**msgspec.structs.asdict(r)))
@@ -245,3 +368,8 @@ class Store:
         os.makedirs(os.path.dirname(self._index_path(server)), exist_ok=True)
         # The index is only a cache of the records, so a plain rename (no fsync) is enough.
         durable.replace_unsynced(self._index_path(server), data)
+
+
+def read_records(state_dir, server):
+    """The latest record of each file of `server`, by key, read from disk without changing it."""
+    return Store(state_dir)._read_dir(server).records

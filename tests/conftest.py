@@ -1,16 +1,17 @@
 """Fixtures: real sshd servers on loopback (session), and per-test remote directories, config and data tree."""
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from relay import sandbox as sb
+from relay import state
 
 REPO = Path(__file__).resolve().parent.parent
 DODO = str(REPO / "dodo.py")
@@ -74,11 +75,10 @@ class Env:
 
     def records(self, server=None):
         """All state records (as dicts), optionally of one server."""
-        out = []
         base = self.state / "records"
-        for path in sorted(base.glob(f"{server or '*'}/*.json")):
-            out.append(json.loads(path.read_bytes()))
-        return out
+        servers = [server] if server else sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        return [msgspec.to_builtins(rec) for s in servers
+                for _, rec in sorted(state.read_records(str(self.state), s).items())]
 
     def tree(self):
         """Every file under the data tree, relative, with its sha256."""
