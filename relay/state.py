@@ -4,7 +4,6 @@ batch file), plus a rebuildable index."""
 import hashlib
 import os
 import time
-from typing import Optional
 
 import msgspec
 
@@ -238,10 +237,6 @@ class Store:
         for path in superseded:  # after the syncfs: the batch holds their newer version
             durable._unlink_quietly(path)
 
-    def get(self, server, key) -> Optional[Record]:
-        """Read the latest record of `key` fresh from disk, or None (changes nothing on disk)."""
-        return self._read_dir(server, sweep=False).records.get(key)
-
     def load_server(self, server):
         """All records of `server`, by key; decodes only the files changed since the index."""
         scan = self._scans[server] = self._read_dir(server, self._read_index(server), sweep=True)
@@ -334,7 +329,7 @@ class Store:
 
     def write_index(self, server):
         """Rewrite the load-speed index of `server` from the records this process knows, if it changed;
-        merge the batch files first when there are many."""
+        merge the batch files first when there are many. Call it after the server's last write."""
         if server not in self._index_stale:
             return
         self._index_stale.discard(server)
@@ -347,7 +342,7 @@ class Store:
             dir_mtime = os.stat(self._dir(server)).st_mtime_ns
         except FileNotFoundError:
             return
-        records = scan.records  # as on disk: a record changed in memory but not yet written is not indexed
+        records = self.records.get(server, {})  # callers flush first: these are the records on disk
 
         def build(packed):
             files, numbers, entries = [], {}, {}
