@@ -101,6 +101,14 @@ def test_odd_names_come_through_intact(env):
     for i, name in enumerate(names):
         assert (env.data / "extracted" / "srv1" / name[:-3]).read_bytes() == logs(f"odd{i}")
     assert not any(p.name == "pwned" for p in env.remote("srv1").parent.rglob("pwned"))
+    # The names read back from the JSON records alone (the index is a cache that may be deleted)
+    # still match the listing: nothing is fetched or extracted again.
+    tree, records = env.tree(), env.records()
+    for index in (env.state / "index").iterdir():
+        index.unlink()
+    env.doit("run", check=0)
+    assert env.tree() == tree and env.records() == records
+    assert sorted(r["local_name"] for r in records) == sorted(os.path.basename(n) for n in names)
 
 
 def test_non_regular_and_young_files_are_skipped_and_said(env):
