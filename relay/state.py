@@ -142,6 +142,7 @@ class _Scan:
         self.holders = {}  # key -> name of the file holding it
         self.stats = {}  # file name -> (mtime_ns, size)
         self.batches = set()  # names of every batch file, holding a latest record or not
+        self.damaged = []  # records files that could not be decoded (torn by a crash, edited by hand)
         self.rev = 0  # the highest rev seen
 
     def take(self, record, name):
@@ -283,6 +284,10 @@ class Store:
                 found = hit[2]
             else:
                 found = self._read_file(entry.path, name)
+            if found is None:
+                scan.damaged.append(self._set_aside(directory, name) if sweep else entry.path)
+                scan.batches.discard(name)
+                continue
             for record in found:
                 scan.take(record, name)
             scan.stats[name] = (st.st_mtime_ns, st.st_size)
@@ -291,14 +296,31 @@ class Store:
 
     @staticmethod
     def _read_file(path, name):
+        """The records in one file, or None when it cannot be decoded."""
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             return []
-        if is_batch(name):
-            return [_from_disk(r) for r in _batch_decoder.decode(data)]
-        return [_from_disk(_record_decoder.decode(data))]
+        try:
+            if is_batch(name):
+                return [_from_disk(r) for r in _batch_decoder.decode(data)]
+            return [_from_disk(_record_decoder.decode(data))]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    @staticmethod
+    def _set_aside(directory, name):
+        """Move an undecodable records file to `damaged/` beside it (kept for a look, out of the way)."""
+        os.makedirs(os.path.join(directory, "damaged"), exist_ok=True)
+        target = os.path.join(directory, "damaged", f"{name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        durable.move_durably(os.path.join(directory, name), target)
+        return target
+
+    def damaged(self, server):
+        """Records files of `server` that the last load could not decode, as moved aside."""
+        scan = self._scans.get(server)
+        return list(scan.damaged) if scan is not None else []
 
     def _read_index(self, server):
         try:

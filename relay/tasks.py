@@ -137,6 +137,11 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(servers))))
     futures = {s.name: pool.submit(_list_server, rt, s) for s in servers}
     records = {s.name: rt.store.load_server(s.name) for s in servers}
+    for srv in servers:
+        for path in rt.store.damaged(srv.name):
+            rt.log.error(f"state records file could not be read (torn by a crash, or edited?); moved to {path}. "
+                         "The files it described are processed again, to the same paths",
+                         extra={"server": srv.name, "operation": "state", "file": path})
     incoming = {s.name: scan_incoming(rt, s.name, warn=process_incoming) for s in servers}
     now = time.time() if now is None else now
     by_future = {futures[srv.name]: srv for srv in servers}

@@ -54,6 +54,22 @@ def test_kill_9_at_each_stage_then_next_run_converges(env, point):
     assert_converged(env, expected)
 
 
+def test_torn_records_file_is_set_aside_and_its_files_done_again_once(env):
+    expected = seed_files(env)
+    env.doit("run", check=0)
+    [batch] = [p for p in (env.state / "records" / "srv1").iterdir() if state.is_batch(p.name)]
+    torn = batch.read_bytes()[: batch.stat().st_size // 2]  # as a power loss may leave it
+    batch.write_bytes(torn)
+    for index in (env.state / "index").iterdir():
+        index.unlink()
+    proc = env.doit("run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "state records file could not be read" in proc.stderr
+    [aside] = (env.state / "records" / "srv1" / "damaged").iterdir()
+    assert aside.name.startswith(batch.name) and aside.read_bytes() == torn
+    assert_converged(env, expected)
+
+
 def test_kill_9_of_the_process_group_during_rsync_transfer(env):
     big = os.urandom(64 * 2**20)  # incompressible: a long transfer
     path = env.remote("srv1") / "big.log.gz"

@@ -132,3 +132,19 @@ def test_records_of_an_older_version_and_odd_names_load(tmp_path):
     for fresh in (state.read_records(str(tmp_path), "a"), state.Store(str(tmp_path)).load_server("a")):
         assert fresh[odd.key].local_name == os.fsdecode(b"caf\xe9.gz")
         assert fresh[old.key].status == state.PROCESSED
+
+
+def test_an_undecodable_file_is_set_aside_and_the_rest_loads(tmp_path):
+    store = state.Store(str(tmp_path))
+    store.load_server("a")
+    store.save_batch([rec("a", "x.gz")])
+    store.save(rec("a", "y.gz"))
+    [batch] = [n for n in files(tmp_path, "a") if state.is_batch(n)]
+    (tmp_path / "records" / "a" / batch).write_bytes(b'[{"key": "torn')
+    assert list(state.read_records(str(tmp_path), "a")) == [rec("a", "y.gz").key]  # reading moves nothing
+    assert batch in files(tmp_path, "a")
+    fresh = state.Store(str(tmp_path))
+    assert list(fresh.load_server("a")) == [rec("a", "y.gz").key]
+    [moved] = fresh.damaged("a")
+    assert moved.startswith(str(tmp_path / "records" / "a" / "damaged" / batch))
+    assert open(moved, "rb").read() == b'[{"key": "torn' and batch not in files(tmp_path, "a")
