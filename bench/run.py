@@ -4,7 +4,8 @@ The naive script, per server in turn: `rsync -rt` of the remote `*.gz` over ssh 
 then `gzip -dk` of what came. Both run on the same generated data, served by three sshd servers on
 loopback (the dedicated user `logpipe-test`, as in the tests), alternating over several rounds; the
 work area is on tmpfs (/dev/shm). Prints per workload the median wall time of each, the ratio
-ours/naive, our peak RSS and throughput, and checks that both extracted byte-identical files.
+ours/naive, our peak RSS and throughput, the CPU time the machine spent on each, and checks that both
+extracted byte-identical files.
 
 Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,small,...]
 """
@@ -53,10 +54,21 @@ print(f"{code} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}",
 """
 
 
-def measure(argv, env, cwd):
-    """(wall seconds, peak RSS MiB) of one command, which must succeed."""
+def machine_cpu_seconds():
+    """CPU time the whole machine has spent busy so far (all cores; the sshd servers included)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def measure(argv, env, cwd, cpu=None):
+    """(wall seconds, peak RSS MiB) of one command, which must succeed; appends the machine's CPU
+    seconds during it to `cpu` if given."""
+    before = machine_cpu_seconds()
     proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], env=env, cwd=cwd,
                           capture_output=True, text=True)
+    if cpu is not None:
+        cpu.append(machine_cpu_seconds() - before)
     code, wall, peak = proc.stderr.strip().splitlines()[-1].split()
     if int(code) != 0:
         raise SystemExit(f"{argv[:4]}… failed with status {code}:\n{proc.stderr[-3000:]}")
@@ -194,15 +206,15 @@ class Bench:
         bare_work, bare_out = self.root / "bare" / name, self.root / "bare-out" / name
         bare_file = self.root / f"bare-{name}.json"
         bare_file.write_text(bare_spec(self.box, [_Remote(s, name) for s in servers], bare_work, bare_out))
-        ours_t, naive_t, bare_t, rss = [], [], [], []
+        ours_t, naive_t, bare_t, rss, ours_cpu, naive_cpu = [], [], [], [], [], []
         with_bare = self.bare and size <= BARE_MAX_BYTES
         for _ in range(self.rounds):
             reset(work / "data", work / "state", work / "tmp", work / "logs")
-            wall, peak = measure(argv, env, str(work))
+            wall, peak = measure(argv, env, str(work), ours_cpu)
             ours_t.append(wall)
             rss.append(peak)
             reset(naive_out)
-            naive_t.append(measure(["bash", str(script)], self.env, str(self.root))[0])
+            naive_t.append(measure(["bash", str(script)], self.env, str(self.root), naive_cpu)[0])
             if with_bare:
                 reset(bare_work, bare_out)
                 bare_t.append(measure([sys.executable, str(REPO / "bench" / "bare.py"), str(bare_file)],
@@ -220,6 +232,8 @@ class Bench:
                 "extracted_mb": round(out_bytes / 1e6, 1), "compression_ratio": round(ratio, 1),
                 "ours_s": round(ours_med, 3), "naive_s": round(naive_med, 3),
                 "ratio": round(ours_med / naive_med, 3), "ours_peak_rss_mb": round(max(rss), 1),
+                "ours_machine_cpu_s": round(statistics.median(ours_cpu), 2),
+                "naive_machine_cpu_s": round(statistics.median(naive_cpu), 2),
                 "ours_mb_per_s": round(out_bytes / 1e6 / ours_med, 1),
                 "ours_files_per_s": round(len(paths) / ours_med, 1), "identical_output": identical,
                 "rounds": self.rounds, "target": spec["target"]}
@@ -299,6 +313,9 @@ def main():
         print(json.dumps(results, indent=2))
     else:
         for r in results:
+            if "ours_machine_cpu_s" in r:
+                print(f"{r['workload']}: CPU the machine spent (all cores, servers included): ours "
+                      f"{r['ours_machine_cpu_s']} s, naive {r['naive_machine_cpu_s']} s")
             if "bare_s" in r:
                 print(f"{r['workload']}: bare pipeline (bench/bare.py) {r['bare_s']} s = {r['bare_ratio']} x naive")
     bad = [r["workload"] for r in results if r.get("identical_output") is False]
