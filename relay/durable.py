@@ -77,11 +77,15 @@ def replace_unsynced(path, data):
     tmp = f"{head}/.tmp-{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        st = os.fstat(fd)  # a rename keeps size and mtime
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            st = os.fstat(fd)  # a rename keeps size and mtime
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)  # on a full disk, give the space back at once
+        raise
     return st

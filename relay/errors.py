@@ -13,6 +13,10 @@ class LockHeld(RelayError):
     """Another run holds the lock."""
 
 
+class StateWriteError(RelayError):
+    """State records could not be written (disk full, I/O): the files they describe are done again next run."""
+
+
 class RemoteError(RelayError):
     """rsync or ssh failed; `kind` says how and `transient` whether a retry may help."""
 

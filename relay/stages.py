@@ -13,7 +13,7 @@ import msgspec
 from doit.exceptions import TaskFailed
 
 from . import codecs, durable, logs, planning, state
-from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing
+from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing, StateWriteError
 from .faults import crashpoint
 from .layout import Layout
 from .remote import Connection
@@ -81,8 +81,17 @@ class Runtime:
     def save(self, rec, **changes):
         """Apply `changes` and write the record durably now (rare transitions)."""
         self._apply(rec, changes)
-        self.store.save(rec, run_id=self.run_id)
+        try:
+            self.store.save(rec, run_id=self.run_id)
+        except OSError as exc:
+            raise self._state_error(exc, 1) from None
         return rec
+
+    def _state_error(self, exc, count):
+        return StateWriteError(
+            f"{self.settings.state_dir}: could not write the state records of {count} file(s) "
+            f"({exc.strerror or exc}); nothing is lost: the next run does those files again, to the same "
+            "paths. Free space on that filesystem (or fix the error), then rerun")
 
     def defer(self, rec, nbytes=0, **changes):
         """Apply `changes` now; the record reaches disk with the next batch flush, after the files it names."""
@@ -105,8 +114,11 @@ class Runtime:
             self._last_flush = time.monotonic()
             if not batch:
                 return
-            durable.syncfs(self.settings.data_root)
-            self.store.save_batch(batch, run_id=self.run_id)
+            try:
+                durable.syncfs(self.settings.data_root)
+                self.store.save_batch(batch, run_id=self.run_id)
+            except OSError as exc:
+                raise self._state_error(exc, len(batch)) from None
 
     def _path_owners(self, server):
         if server not in self._owners:
@@ -378,8 +390,11 @@ def process_file(server, key):
         else:
             submit_extract(rt, server, key)
         return {"ran": True}
-    _advance(rt, server, key)
-    rt.flush()  # no group runs after this task to make it durable
+    try:
+        _advance(rt, server, key)
+        rt.flush()  # no group runs after this task to make it durable
+    except StateWriteError as exc:
+        return TaskFailed(logs.printable(f"{server}: {exc}"))
     rec = rt.record(server, key)
     if rec.parked and rec.run_id == rt.run_id:
         # Failed, so doit does not remember it: running this task again is what retries the file.
@@ -600,7 +615,10 @@ class Lane:
 def settle_server(server):
     """doit action of `settle:<server>`: wait for the server's work, then name the tasks of the files it parked."""
     rt = _rt()
-    _wait_all(rt, server)
+    try:
+        _wait_all(rt, server)
+    except StateWriteError:
+        return {"task_dep": []}  # extract:<server> reports it
     plan = rt.plans.get(server)
     if plan is None:
         return {"task_dep": []}
@@ -617,8 +635,17 @@ def _parked_line(rec):
 def finish_server(server):
     """doit action of the `extract:<server>` group: flush, then fail if this run parked a file or could not list."""
     rt = _rt()
-    _wait_all(rt, server)
-    rt.flush()
+    try:
+        _wait_all(rt, server)
+        rt.flush()
+    except StateWriteError as exc:
+        rt.emit(40, str(exc), None, server=server, operation="state", error=str(exc))
+        return TaskFailed(logs.printable(f"{server}: {exc}"))
+    failed = rt.store.write_index(server)
+    if failed is not None:
+        rt.emit(30, f"the state index was not rewritten ({failed.strerror or failed}); the next run reads "
+                "the records files instead, which is slower", None, server=server, operation="state",
+                error=str(failed))
     listing = [f"listing failed: {rt.listing_errors[server]}"] if server in rt.listing_errors else []
     parked, kinds = [], set()
     processed = duplicates = extracted_bytes = 0
@@ -633,7 +660,6 @@ def finish_server(server):
         elif rec.status == state.PROCESSED:
             processed += 1
             extracted_bytes += rec.extracted_size
-    rt.store.write_index(server)
     problems = listing + parked
     rt.emit(30 if problems else 20, f"run summary: {processed} file(s) processed, {duplicates} duplicate(s), "
             f"{len(parked)} parked{', listing failed' if listing else ''}", None,

@@ -351,10 +351,20 @@ class Store:
 
     def write_index(self, server):
         """Rewrite the load-speed index of `server` from the records this process knows, if it changed;
-        merge the batch files first when there are many. Call it after the server's last write."""
+        merge the batch files first when there are many. Call it after the server's last write.
+
+        Both are housekeeping: on an OSError (a full disk) they are left for a later run, which then
+        reads the records files themselves; the error is returned, not raised."""
         if server not in self._index_stale:
-            return
+            return None
+        try:
+            self._write_index(server)
+        except OSError as exc:
+            return exc
         self._index_stale.discard(server)
+        return None
+
+    def _write_index(self, server):
         scan = self._scans.get(server)
         if scan is None:
             return

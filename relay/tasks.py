@@ -14,11 +14,13 @@ from doit.exceptions import InvalidDodoFile
 
 from . import logs, planning, stages
 from .config import load_settings
-from .errors import ConfigError, RemoteError
+from .errors import ConfigError, RemoteError, StateWriteError
 from .layout import ERROR_KINDS
 from .retry import call_with_retry
 
 _LOCK_FD = None
+# Free space a run wants on STATE_DIR's filesystem before it starts: its records, index and doit.db.
+STATE_MIN_FREE = 16 * 2**20
 
 
 class RunLocked(InvalidDodoFile):
@@ -42,6 +44,16 @@ def acquire_lock(state_dir):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
     _LOCK_FD = fd
+
+
+def check_state_space(state_dir, minimum=STATE_MIN_FREE):
+    """Refuse to start a run that could not record its work: too little space for STATE_DIR."""
+    st = os.statvfs(state_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < minimum:
+        raise StateWriteError(f"{state_dir}: only {free // 1024} KiB free; a run needs at least "
+                              f"{minimum // 2**20} MiB there for its state records and doit's database. "
+                              "Free some space on that filesystem, then rerun; this run changed nothing")
 
 
 def release_lock():
@@ -118,6 +130,8 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     for path in (settings.state_dir, settings.log_dir, settings.tmp_dir):
         os.makedirs(path, exist_ok=True)
     acquire_lock(settings.state_dir)
+    if argv is not None and doit_command(argv) == "run":
+        check_state_space(settings.state_dir)
     logs.setup(settings.log_dir, settings.log_format, settings.log_level)
     rt = stages.Runtime(settings)
     servers = settings.enabled_servers
@@ -185,7 +199,7 @@ def doit_config(config_dir=None):
     try:
         rt = load(config_dir, process_incoming=incoming, sequential=bool(sequential and _yes(sequential)),
                   argv=sys.argv[1:])
-    except ConfigError as exc:
+    except (ConfigError, StateWriteError) as exc:
         raise InvalidDodoFile(str(exc)) from None
     return {
         # Every server's fetch first, so that all transfers start at once; then the per-server groups

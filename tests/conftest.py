@@ -1,5 +1,6 @@
 """Fixtures: real sshd servers on loopback (session), and per-test remote directories, config and data tree."""
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -99,3 +100,16 @@ def env(servers, tmp_path, request):
 def sha(data):
     """Hex sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size):
+    """A tmpfs of `size` (e.g. "4m") mounted on `path` for the test, to run out of space for real."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)  # -l: an ssh master may keep a socket open

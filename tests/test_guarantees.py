@@ -14,8 +14,10 @@ import pytest
 
 from relay import sandbox as sb
 from relay import stages, state, tasks
+from relay.config import load_settings
+from relay.errors import StateWriteError
 
-from conftest import DODO, needs_root
+from conftest import DODO, needs_root, small_filesystem
 
 pytestmark = needs_root
 
@@ -68,6 +70,37 @@ def test_torn_records_file_is_set_aside_and_its_files_done_again_once(env):
     [aside] = (env.state / "records" / "srv1" / "damaged").iterdir()
     assert aside.name.startswith(batch.name) and aside.read_bytes() == torn
     assert_converged(env, expected)
+
+
+def test_run_refuses_to_start_without_room_for_its_state(env, tmp_path):
+    seed_files(env, count=1)
+    with small_filesystem(tmp_path / "tiny", "4m") as tiny:
+        env.configure(env={"STATE_DIR": str(tiny / "state")})
+        proc = env.doit("run")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"{tiny}/state: only" in proc.stderr and "needs at least 16 MiB" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (env.data / "extracted").exists() or not any((env.data / "extracted").rglob("*.log"))
+
+
+def test_state_disk_full_at_the_flush_is_a_clear_error_and_leaves_no_temp(env, tmp_path):
+    with small_filesystem(tmp_path / "tiny", "256k") as tiny:
+        env.configure(env={"STATE_DIR": str(tiny / "state")})
+        settings = load_settings(str(env.conf), environ=env.environ())
+        os.makedirs(settings.state_dir)
+        os.makedirs(settings.data_root)
+        rt = stages.Runtime(settings)
+        rt.store.load_server("srv1")
+        for i in range(200):  # about 2 KB each: more than the filesystem holds
+            rt.defer(state.Record(key=f"{i:032x}", server="srv1", origin="remote", remote_path="/l/" + "x" * 2000),
+                     status=state.PROCESSED)
+        with pytest.raises(StateWriteError) as failure:
+            rt.flush()
+        message = str(failure.value)
+        assert message.startswith(f"{settings.state_dir}: could not write the state records of 200 file(s)")
+        assert "No space left" in message and "the next run does those files again" in message
+        assert not [p for p in (tiny / "state").rglob("*") if p.name.startswith(".tmp-")]
+        assert state.read_records(settings.state_dir, "srv1") == {}
 
 
 def test_kill_9_of_the_process_group_during_rsync_transfer(env):
