@@ -103,6 +103,29 @@ def test_state_disk_full_at_the_flush_is_a_clear_error_and_leaves_no_temp(env, t
         assert state.read_records(settings.state_dir, "srv1") == {}
 
 
+def test_real_disk_full_while_extracting_parks_the_file_and_leaves_no_partial(env, tmp_path):
+    big = b"GET /index.html 200\n" * (4 * 2**20 // 20)  # 4 MiB out of a few KiB in
+    (env.remote("srv1") / "big.log.gz").write_bytes(gzip.compress(big))
+    os.utime(env.remote("srv1") / "big.log.gz", (1_700_000_000, 1_700_000_000))
+    with small_filesystem(tmp_path / "tiny", "1m") as tiny:
+        data = tiny / "data"
+        # min_free_bytes 0: the disk really fills up, rather than the free-space check refusing first.
+        env.configure(pipeline={"min_free_bytes": 0},
+                      env={"DATA_ROOT": str(data), "TMP_DIR": str(tiny / "tmp"), "MAX_RETRY_EXTRACT": "2"})
+        proc = env.doit("run")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "disk full while extracting big.log.gz" in proc.stdout + proc.stderr
+        assert not list(tiny.rglob("*.part"))
+        [rec] = env.records("srv1")
+        assert (rec["status"], rec["error_kind"], rec["attempts"]["extract"]) == ("error", "extract", 2)
+        assert (data / "error" / "extract" / "srv1" / "big.log.gz").exists()
+        assert not (data / "extracted" / "srv1" / "big.log").exists()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(tiny)], check=True)  # space is back
+        env.doit("forget", "-s", "recover:extract/srv1", check=0)
+        env.doit("run", check=0)
+        assert (data / "extracted" / "srv1" / "big.log").read_bytes() == big
+
+
 def test_kill_9_of_the_process_group_during_rsync_transfer(env):
     big = os.urandom(64 * 2**20)  # incompressible: a long transfer
     path = env.remote("srv1") / "big.log.gz"
