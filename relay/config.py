@@ -206,6 +206,22 @@ def _nearest_existing(path):
     return path
 
 
+DIRECTORY_KEYS = ("DATA_ROOT", "STATE_DIR", "LOG_DIR", "TMP_DIR")
+
+
+def check_directories(env, env_path):
+    """Each directory key names a directory, or a path one can be created at."""
+    for key in DIRECTORY_KEYS:
+        path = Path(env[key])
+        anchor = _nearest_existing(path)
+        if not anchor.is_dir():
+            raise ConfigError(f"{env_path}: {key}: {path}: {anchor} is not a directory; point {key} "
+                              "at a directory")
+        if anchor != path and not os.access(anchor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{env_path}: {key}: {path} does not exist and cannot be created in {anchor} "
+                              f"(not writable); create it, or point {key} somewhere writable")
+
+
 def check_same_filesystem(env, env_path):
     """TMP_DIR must share DATA_ROOT's filesystem so that a rename publishes a file atomically."""
     data_dev = _nearest_existing(env["DATA_ROOT"]).stat().st_dev
@@ -228,6 +244,7 @@ def load_settings(config_dir=None, environ=None):
     _check_unique_names(sources["servers"], sources_path)
     pipeline_path = config_dir / "pipeline.conf"
     pipeline = _validate(_read_json(pipeline_path), PIPELINE_SCHEMA, pipeline_path)
+    check_directories(env, config_dir / ".env")
     check_same_filesystem(env, config_dir / ".env")
     servers = []
     for srv in sources["servers"]:

@@ -127,8 +127,13 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     settings = load_settings(config_dir, environ)
     if sequential:
         settings = msgspec.structs.replace(settings, max_workers=1, max_per_server=1)
-    for path in (settings.state_dir, settings.log_dir, settings.tmp_dir):
-        os.makedirs(path, exist_ok=True)
+    for key, path in (("STATE_DIR", settings.state_dir), ("LOG_DIR", settings.log_dir),
+                      ("TMP_DIR", settings.tmp_dir)):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{settings.config_dir}/.env: {key}: {path}: cannot create it ({exc.strerror}); "
+                              f"create it, or point {key} somewhere writable") from None
     acquire_lock(settings.state_dir)
     if argv is not None and doit_command(argv) == "run":
         check_state_space(settings.state_dir)

@@ -126,3 +126,20 @@ def test_doit_reports_config_error_with_user_error_status_and_no_traceback(tmp_p
     assert "sources.conf: servers[0].user: required field" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (conf / "data").exists()  # nothing ran
+
+
+def test_directory_keys_must_name_usable_directories(tmp_path):
+    conf = tmp_path / "c"
+    (tmp_path / "a-file").write_text("")
+    message = error_of(write(conf, env={"STATE_DIR": str(tmp_path / "a-file" / "state")}))
+    assert message == f"{conf / '.env'}: STATE_DIR: {tmp_path / 'a-file' / 'state'}: {tmp_path / 'a-file'} " \
+                      "is not a directory; point STATE_DIR at a directory"
+    assert "DATA_ROOT" in error_of(write(conf, env={"DATA_ROOT": str(tmp_path / "a-file")}))
+
+
+def test_a_directory_that_cannot_be_created_is_a_config_error_of_the_run(tmp_path):
+    from relay import tasks  # noqa: PLC0415 - load takes the lock and creates directories
+    conf = write(tmp_path / "c", env={"LOG_DIR": "/proc/no-such-dir/logs"})
+    with pytest.raises(ConfigError, match=r"\.env: LOG_DIR: /proc/no-such-dir/logs: cannot create it \("):
+        tasks.load(str(conf), environ={})
+    tasks.release_lock()
