@@ -12,7 +12,7 @@ import uuid
 import msgspec
 from doit.exceptions import TaskFailed
 
-from . import codecs, durable, logs, planning, state
+from . import codecs, durable, helpers, logs, planning, state
 from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing, StateWriteError
 from .faults import crashpoint
 from .layout import Layout
@@ -411,33 +411,137 @@ def submit_extract(rt, server, key):
         rt.submitted.add((server, key))
         if rt.small_lane is None:
             # Large files: their work is in C (isal, hashing, I/O) and runs on every core at once.
-            # Small ones: mostly Python, so a second thread only fights the first for the GIL
-            # (measured: more CPU, no more throughput); they take turns in one thread.
+            # Small ones: half Python, which runs on one core at a time, so one thread takes them in
+            # turn (measured: a second one only fights the first for the GIL); with the helper
+            # process of a doit run, their inflating runs there, beside that thread's Python.
+            helper = helpers.get()
             rt.large_lane = Lane("large", threads=rt.settings.max_workers)
-            rt.small_lane = Lane("small")
+            rt.small_lane = Lane("small", work=(lambda lane: _work_with_helper(lane, helper)) if helper else None)
         rec = rt.record(server, key)
         lane = rt.large_lane if rec is not None and rec.size >= LARGE_BYTES else rt.small_lane
         lane.submit(server, _advance, rt, server, key)
 
 
 def _advance(rt, server, key):
+    rec = _ready(rt, server, key)
+    with rt.workers, rt.slot(server):
+        if rec.status in (state.COPIED, state.VERIFIED):
+            _extract(rt, rec)
+        _finish(rt, rec)
+
+
+def _copy_lost(rt, rec):
+    """True when an interrupted run moved or lost a fetched copy before recording it."""
+    return (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED)
+            and (rec.server, rec.key) not in rt.fetched
+            and not os.path.exists(f"{rt.layout.incoming(rec.server)}/{rec.local_name}"))
+
+
+def _ready(rt, server, key):
+    """The file's record once its copy is in incoming/, fetching it first if need be."""
     rec = rt.record(server, key)
-    if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED) and (server, key) not in rt.fetched
-            and not os.path.exists(f"{rt.layout.incoming(server)}/{rec.local_name}")):
-        # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
+    if _copy_lost(rt, rec):
+        # Fetch it again now.
         rt.save(rec, status=state.PENDING)
         rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
     if rec.status == state.PENDING:
         start_fetch(rt, server, [key])
         wait_fetched(rt, server, key)
         rec = rt.record(server, key)
-    with rt.workers, rt.slot(server):
-        if rec.status in (state.COPIED, state.VERIFIED):
-            _extract(rt, rec)
-        if rec.status == state.EXTRACTED:
-            _place(rt, rec)
-            rt.defer(rec, nbytes=rec.extracted_size, status=state.PROCESSED)
-            rt.emit(20, "processed", rec, operation="extract", bytes=rec.extracted_size)
+    return rec
+
+
+def _finish(rt, rec):
+    """File an extracted file's source and record it as processed (durable at the next flush)."""
+    if rec.status == state.EXTRACTED:
+        _place(rt, rec)
+        rt.defer(rec, nbytes=rec.extracted_size, status=state.PROCESSED)
+        rt.emit(20, "processed", rec, operation="extract", bytes=rec.extracted_size)
+
+
+def _take_caps(rt, server, blocking):
+    """Take the global and the per-server cap for one file; False if `blocking` is off and one is full."""
+    if not rt.workers.acquire(blocking):
+        return False
+    if not rt.slot(server).acquire(blocking):
+        rt.workers.release()
+        return False
+    return True
+
+
+def _release_caps(rt, server):
+    rt.slot(server).release()
+    rt.workers.release()
+
+
+def _work_with_helper(lane, helper):
+    """The small-file lane with the helper process: while the helper inflates one file, this thread
+    does the checks before the next one and the filing after the previous one.
+
+    At most two files are in flight, each holding its caps; a cap that is full while a file is in
+    flight is waited for only after that file is done (waiting first could wait on ourselves)."""
+    in_flight = collections.deque()  # (server, rt, rec, (src, tmp, started))
+
+    def end_oldest():
+        nonlocal helper
+        server, rt, rec, begun = in_flight.popleft()
+        error = None
+        try:
+            outcome = None
+            if helper is not None:
+                try:
+                    outcome = helper.receive()
+                except helpers.HelperGone as exc:
+                    helper = _helper_gone(rt, exc)
+            _extract_end(rt, rec, *begun, first=outcome)  # with no outcome: inflates in-process
+            _finish(rt, rec)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for the server
+            error = exc
+        finally:
+            _release_caps(rt, server)
+            lane.finished(server, error)
+
+    while True:
+        job = lane.take(block=not in_flight) if len(in_flight) < 2 else None
+        if job is None:
+            end_oldest()
+            continue
+        server, _, (rt, _, key) = job
+        error = None
+        try:
+            rec = rt.record(server, key)
+            # _ready would wait for a fetch, which takes a per-server cap: hold none meanwhile.
+            while in_flight and (rec.status == state.PENDING or _copy_lost(rt, rec)):
+                end_oldest()
+            rec = _ready(rt, server, key)
+            while not _take_caps(rt, server, blocking=not in_flight):
+                end_oldest()
+        except Exception as exc:  # noqa: BLE001
+            lane.finished(server, exc)
+            continue
+        try:
+            begun = _extract_begin(rt, rec) if rec.status in (state.COPIED, state.VERIFIED) else None
+            if begun is not None and helper is not None:
+                try:
+                    helper.send(begun[0], begun[1], max_bytes=rt.settings.max_extracted_bytes,
+                                min_free=rt.settings.min_free_bytes)
+                    in_flight.append((server, rt, rec, begun))
+                    continue  # its caps stay taken until end_oldest
+                except helpers.HelperGone as exc:
+                    helper = _helper_gone(rt, exc)
+            if begun is not None:
+                _extract_end(rt, rec, *begun)
+            _finish(rt, rec)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        _release_caps(rt, server)
+        lane.finished(server, error)
+
+
+def _helper_gone(rt, exc):
+    rt.emit(30, f"{exc}; small files are extracted in-process from now on", None, operation="extract",
+            error=str(exc))
+    return None
 
 
 def recorded_run(task, values):
@@ -452,7 +556,13 @@ def _changed_locally(rec, st):
 
 
 def _extract(rt, rec):
-    settings = rt.settings
+    begun = _extract_begin(rt, rec)
+    if begun is not None:
+        _extract_end(rt, rec, *begun)
+
+
+def _extract_begin(rt, rec):
+    """The checks before inflating: (src, tmp, started), or None when they dealt with the file."""
     src = f"{rt.layout.incoming(rec.server)}/{rec.local_name}"
     try:
         st = os.stat(src)
@@ -462,7 +572,7 @@ def _extract(rt, rec):
             rt.emit(30, "source missing from incoming/; it will be fetched again", rec, operation="verify")
         else:
             rt.emit(30, "dropped file disappeared before it was extracted", rec, operation="verify")
-        return
+        return None
     if _changed_locally(rec, st):
         # The file changed between the listing and the transfer: leave it for a later, stable run.
         if rec.origin == "remote":
@@ -470,12 +580,22 @@ def _extract(rt, rec):
             rt.save(rec, status=state.PENDING)
         rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {st.st_size}); left for a "
                 "later run", rec, operation="verify")
-        return
-    tmp = f"{rt.layout.extract_tmp(rec.server)}/{rec.key}.part"
-    started = time.monotonic()
+        return None
+    return src, f"{rt.layout.extract_tmp(rec.server)}/{rec.key}.part", time.monotonic()
+
+
+def _extract_end(rt, rec, src, tmp, started, first=None):
+    """Inflate with retries (`first`: the outcome of a first attempt the helper made), then place the output."""
+    settings = rt.settings
+    outcomes = [first] if first is not None else []
 
     def attempt():
         _count(rec, "extract")
+        if outcomes:
+            outcome = outcomes.pop()
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes)
 
     def on_failure(exc, number):
@@ -573,17 +693,19 @@ def _wait_all(rt, server):
 class Lane:
     """Background threads taking jobs in order, with a count of each server's jobs not yet done.
 
-    Files come by thousands: a future per file (an executor) costs more than a small file's extraction."""
+    Files come by thousands: a future per file (an executor) costs more than a small file's extraction.
+    `work(lane)`, if given, replaces the plain loop: it takes jobs and reports each one finished."""
 
-    def __init__(self, name, threads=1):
+    def __init__(self, name, threads=1, work=None):
         self._jobs = queue.SimpleQueue()
         self._done = threading.Condition()
         self._pending = collections.Counter()  # server -> jobs queued or running
         self._errors = collections.defaultdict(list)  # server -> exceptions raised by its jobs
         # Daemons: a run that stops early (a doit error) must not hang on them; what they finished by
         # then is recorded at exit, what they had not is done again next run.
+        target = self._work if work is None else (lambda: work(self))
         for number in range(threads):
-            threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True).start()
+            threading.Thread(target=target, name=f"{name}-{number}", daemon=True).start()
 
     def submit(self, server, fn, *args):
         """Queue fn(*args) as a job of `server`."""
@@ -591,18 +713,31 @@ class Lane:
             self._pending[server] += 1
         self._jobs.put((server, fn, args))
 
+    def take(self, block=True):
+        """The next job (server, fn, args), or None if `block` is off and there is none."""
+        try:
+            return self._jobs.get(block=block)
+        except queue.Empty:
+            return None
+
+    def finished(self, server, error=None):
+        """Count one job of `server` done (with the exception it raised, if any)."""
+        with self._done:
+            if error is not None:
+                self._errors[server].append(error)
+            self._pending[server] -= 1
+            if not self._pending[server]:
+                self._done.notify_all()
+
     def _work(self):
         while True:
             server, fn, args = self._jobs.get()
+            error = None
             try:
                 fn(*args)
             except Exception as exc:  # noqa: BLE001 - handed to whoever waits for the server
-                self._errors[server].append(exc)
-            finally:
-                with self._done:
-                    self._pending[server] -= 1
-                    if not self._pending[server]:
-                        self._done.notify_all()
+                error = exc
+            self.finished(server, error)
 
     def wait(self, server):
         """Block until every job of `server` is done; re-raise the first error one of them raised."""

@@ -12,7 +12,7 @@ import time
 import msgspec
 from doit.exceptions import InvalidDodoFile
 
-from . import logs, planning, stages
+from . import helpers, logs, planning, stages
 from .config import load_settings
 from .errors import ConfigError, RemoteError, StateWriteError
 from .layout import ERROR_KINDS
@@ -141,6 +141,8 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     rt = stages.Runtime(settings)
     servers = settings.enabled_servers
     rt.awaited = awaited_servers(argv, [s.name for s in servers]) if argv is not None else set()
+    if rt.awaited and settings.max_workers > 1:
+        helpers.start()  # now, before the listings start threads: see relay.helpers
     rt.prepare = lambda: (rt.layout.make_tree(s.name for s in servers), sweep(rt))
     stages.RUNTIME = rt
     if rt.awaited:

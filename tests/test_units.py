@@ -7,6 +7,8 @@ import json
 import os
 import random
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -401,3 +403,49 @@ def test_log_lines_go_out_in_batches_and_follow_logrotate(tmp_path):
         log.removeHandler(handler)
         handler.close()
     log._relay_configured = None
+
+
+HELPER_SCRIPT = r"""
+import gzip, json, os, signal, sys, threading
+from relay import codecs, helpers
+from relay.errors import CorruptArchive
+work = sys.argv[1]
+good, bad = os.path.join(work, "good.gz"), os.path.join(work, "bad.gz")
+with open(good, "wb") as fh:
+    fh.write(gzip.compress(b"line\n" * 5000))
+with open(bad, "wb") as fh:
+    fh.write(gzip.compress(b"line\n" * 5000)[:-20])
+keep = os.open(good, os.O_RDONLY)  # like the run's lock: the helper must not hold it
+helper = helpers.start()
+helper.send(good, os.path.join(work, "a.part"), max_bytes=1 << 30, min_free=0)
+helper.send(bad, os.path.join(work, "b.part"), max_bytes=1 << 30, min_free=0)
+got, failed = helper.receive(), helper.receive()
+out = {"fds": sorted(os.listdir(f"/proc/{helper.pid}/fd"), key=int), "keep": keep}  # it has served: set up
+out["same"] = got == codecs.inflate(good, os.path.join(work, "c.part"), max_bytes=1 << 30, min_free=0)
+out["bytes"] = open(os.path.join(work, "a.part"), "rb").read() == b"line\n" * 5000
+try:
+    codecs.inflate(bad, os.path.join(work, "d.part"), max_bytes=1 << 30, min_free=0)
+except CorruptArchive as exc:
+    out["corrupt"] = isinstance(failed, CorruptArchive) and str(failed) == str(exc)
+os.kill(helper.pid, signal.SIGKILL)
+try:
+    helper.send(good, os.path.join(work, "e.part"), max_bytes=1 << 30, min_free=0)
+    helper.receive()
+except helpers.HelperGone:
+    out["gone"] = True
+helpers.stop()
+out["reaped"] = not os.path.exists(f"/proc/{helper.pid}")
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+out["no_fork_with_threads"] = helpers.start() is None
+print(json.dumps(out))
+"""
+
+
+def test_helper_process_inflates_like_in_process_and_holds_none_of_the_runs_files(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", HELPER_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert str(out["keep"]) not in out["fds"] and len(out["fds"]) == 5  # stdio and its two pipe ends
+    assert out["same"] and out["bytes"] and out["corrupt"] and out["gone"] and out["reaped"]
+    assert out["no_fork_with_threads"]

@@ -1,0 +1,154 @@
+"""A helper process that inflates small files while the run's thread does the Python around them.
+
+A small file costs about as much CPU in `codecs.inflate` (read, hash, inflate, write: C work and
+system calls) as in the Python around it (checks, renames, record, log line), and Python runs on one
+core at a time. A `doit run` forks one helper while it loads, before any thread exists (a fork then
+copies no lock that another thread holds). The small-file lane sends a file to the helper, does the
+Python of the file before it meanwhile, then takes the answer: two cores share the work. The helper
+only writes the temp file it is given; every rename and record stays with the run. If the helper is
+gone (killed, crashed), the run inflates in-process from then on.
+"""
+
+import atexit
+import os
+import struct
+import threading
+
+import msgspec
+
+from . import codecs
+from .errors import ArchiveError, CorruptArchive
+
+_HEAD = struct.Struct(">I")
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+_helpers = []
+# Reply kinds: the inflate result, or the exception the caller raises in its place.
+_OK, _CORRUPT, _ARCHIVE, _OTHER = range(4)
+
+
+class HelperGone(Exception):
+    """The helper did not answer (killed, crashed) or failed unexpectedly: inflate in-process instead."""
+
+
+def _read_exact(fd, size):
+    data = b""
+    while len(data) < size:
+        piece = os.read(fd, size - len(data))
+        if not piece:
+            return None
+        data += piece
+    return data
+
+
+def _frame(value):
+    data = _encoder.encode(value)
+    return _HEAD.pack(len(data)) + data
+
+
+def _read_frame(fd):
+    head = _read_exact(fd, _HEAD.size)
+    body = _read_exact(fd, _HEAD.unpack(head)[0]) if head else None
+    return None if body is None else _decoder.decode(body)
+
+
+def _text(exc):
+    # Messages may hold undecodable file-name bytes (surrogate escapes): they travel as bytes.
+    return str(exc).encode("utf-8", "surrogateescape")
+
+
+def _serve(requests, replies):
+    """The helper's whole life: inflate what it is asked, answer, return when the run closes the pipe."""
+    while True:
+        request = _read_frame(requests)
+        if request is None:
+            return
+        src, tmp, max_bytes, min_free = request
+        try:
+            got = codecs.inflate(os.fsdecode(src), os.fsdecode(tmp), max_bytes=max_bytes, min_free=min_free)
+            reply = [_OK, got.sha256, got.format, got.size, got.out_sha256]
+        except CorruptArchive as exc:
+            reply = [_CORRUPT, _text(exc)]
+        except ArchiveError as exc:
+            reply = [_ARCHIVE, _text(exc)]
+        except Exception as exc:  # noqa: BLE001 - the run redoes the file in-process, where it shows
+            reply = [_OTHER, _text(exc)]
+        os.write(replies, _frame(reply))
+
+
+class Helper:
+    """The run's end of the helper: send a file, then (after other work) take its outcome."""
+
+    def __init__(self, pid, requests, replies):
+        self.pid, self.requests, self.replies = pid, requests, replies
+
+    def send(self, src, dst_tmp, *, max_bytes, min_free):
+        """Ask for `codecs.inflate(src, dst_tmp, …)`; answers come back in the order asked."""
+        try:
+            os.write(self.requests, _frame([os.fsencode(src), os.fsencode(dst_tmp), max_bytes, min_free]))
+        except OSError as exc:
+            raise HelperGone(f"inflate helper {self.pid} is gone ({exc.strerror})") from None
+
+    def receive(self):
+        """The outcome of the oldest request: an Inflated, or the CorruptArchive/ArchiveError to raise."""
+        try:
+            reply = _read_frame(self.replies)
+        except OSError:
+            reply = None
+        if reply is None:
+            raise HelperGone(f"inflate helper {self.pid} is gone")
+        if reply[0] == _OK:
+            return codecs.Inflated(*reply[1:])
+        message = reply[1].decode("utf-8", "surrogateescape")
+        if reply[0] == _CORRUPT:
+            return CorruptArchive(message)
+        if reply[0] == _ARCHIVE:
+            return ArchiveError(message)
+        raise HelperGone(f"inflate helper {self.pid} failed: {message}")
+
+
+def _fork():
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper
+        try:
+            # Nothing of the run but its two pipe ends: above all not the run's lock.
+            low, high = sorted((requests_r, replies_w))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+            _serve(requests_r, replies_w)
+        finally:
+            os._exit(0)
+    os.close(requests_r)
+    os.close(replies_w)
+    return Helper(pid, requests_w, replies_r)
+
+
+def start():
+    """Fork the helper, unless there is one or this process already runs threads (a fork is unsafe then)."""
+    if not _helpers and threading.active_count() == 1 and hasattr(os, "fork"):
+        _helpers.append(_fork())
+        atexit.register(stop)
+    return get()
+
+
+def get():
+    """The helper, or None."""
+    return _helpers[0] if _helpers else None
+
+
+def stop():
+    """Close the pipes (the helper then exits) and reap it."""
+    while _helpers:
+        helper = _helpers.pop()
+        for fd in (helper.requests, helper.replies):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.waitpid(helper.pid, 0)
+        except ChildProcessError:
+            pass
