@@ -182,6 +182,8 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
         if srv.name in rt.awaited:
             stages.start_server(srv.name)
     rt.plans = {srv.name: rt.plans[srv.name] for srv in servers}  # tasks in configuration order
+    if not any(plan.due for plan in rt.plans.values()):
+        helpers.stop()  # nothing to extract: a live child only makes this process's page writes dearer
     pool.shutdown()
     gc.freeze()
     gc.enable()
