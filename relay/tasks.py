@@ -142,7 +142,9 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     servers = settings.enabled_servers
     rt.awaited = awaited_servers(argv, [s.name for s in servers]) if argv is not None else set()
     if rt.awaited and settings.max_workers > 1:
-        helpers.start()  # now, before the listings start threads: see relay.helpers
+        helper = helpers.start()  # now, before the listings start threads: see relay.helpers
+        if helper is not None:
+            rt.log.debug(f"inflate helper started (pid {helper.pid})", extra={"operation": "extract"})
     rt.prepare = lambda: (rt.layout.make_tree(s.name for s in servers), sweep(rt))
     stages.RUNTIME = rt
     if rt.awaited:

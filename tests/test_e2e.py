@@ -52,6 +52,26 @@ def test_full_run_extracts_everything_byte_identical_and_records_state(env):
     assert summaries["srv1"]["level"] == "INFO"
 
 
+def test_small_files_go_through_the_helper_process_which_is_gone_after_the_run(env):
+    env.configure(env={"LOG_LEVEL": "DEBUG"})
+    for n in range(6):
+        put(env, "srv1", f"s{n}.gz", logs(f"s{n}"))
+    env.doit("run", check=0)
+    lines = [json.loads(line) for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()]
+    [started] = [d["message"] for d in lines if d["message"].startswith("inflate helper started")]
+    pid = int(started.rsplit(" ", 1)[1].rstrip(")"))
+    assert not os.path.exists(f"/proc/{pid}")  # reaped with the run
+    assert not any("extracted in-process from now on" in d["message"] for d in lines)
+    for n in range(6):
+        assert (env.data / "extracted" / "srv1" / f"s{n}").read_bytes() == logs(f"s{n}")
+    env.configure(env={"LOG_LEVEL": "DEBUG"}, pipeline={"max_workers": 1})
+    put(env, "srv1", "t.gz", logs("t"))
+    env.doit("run", check=0)  # one worker: no helper, the lane works alone
+    lines = (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()
+    assert sum("inflate helper started" in line for line in lines) == 1
+    assert (env.data / "extracted" / "srv1" / "t").read_bytes() == logs("t")
+
+
 def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
     put(env, "srv1", "a.gz", logs("a"))
     env.doit("run", check=0)
