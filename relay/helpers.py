@@ -107,17 +107,27 @@ class Helper:
         raise HelperGone(f"inflate helper {self.pid} failed: {message}")
 
 
+def _close_all_but(*keep):
+    """Close every file descriptor above stdio but `keep`: nothing of the run, above all not its lock."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every number up to a sane bound (SC_OPEN_MAX may be 2**30)
+        open_fds = range(3, min(os.sysconf("SC_OPEN_MAX"), 65536))
+    for fd in open_fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # e.g. the descriptor listdir used, closed already
+
+
 def _fork():
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the helper
         try:
-            # Nothing of the run but its two pipe ends: above all not the run's lock.
-            low, high = sorted((requests_r, replies_w))
-            os.closerange(3, low)
-            os.closerange(low + 1, high)
-            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+            _close_all_but(requests_r, replies_w)
             _serve(requests_r, replies_w)
         finally:
             os._exit(0)
