@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib 
     _zlib = zlib
     _CORRUPT = (zlib.error,)
 
+from . import durable
 from .errors import ArchiveError, CorruptArchive
 from .faults import crashpoint
 
@@ -106,20 +107,15 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
             sink.write(piece)
         os.close(out_fd)
         out_fd = None
-    except (CorruptArchive, ArchiveError):
-        _discard(dst_tmp)
-        raise
-    except _CORRUPT as exc:
-        _discard(dst_tmp)
-        raise CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}") from None
-    except OSError as exc:
-        _discard(dst_tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except BaseException as exc:
+        durable.unlink_quietly(dst_tmp)  # whatever failed, no partial output stays
+        if isinstance(exc, _CORRUPT):
+            raise CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ArchiveError(f"{directory}: disk full while extracting {name}; free some space "
                                "and rerun") from None
-        raise ArchiveError(f"{name}: extraction failed: {exc}") from None
-    except BaseException:
-        _discard(dst_tmp)
+        if isinstance(exc, OSError):
+            raise ArchiveError(f"{name}: extraction failed: {exc}") from None
         raise
     finally:
         for fd in (src_fd, out_fd):
@@ -154,10 +150,3 @@ class _Sink:
         while view:
             view = view[os.write(self.out, view):]
         crashpoint("extract")
-
-
-def _discard(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -2,7 +2,6 @@
 
 import ctypes
 import os
-import tempfile
 
 
 def fsync_dir(path):
@@ -16,19 +15,8 @@ def fsync_dir(path):
 
 def write_atomic(path, data):
     """Replace `path` with `data` so that a crash leaves either the old or the new bytes; return its stat."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            st = os.fstat(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(directory)
+    st = _publish(path, data, sync=True)
+    fsync_dir(os.path.dirname(path))
     return st
 
 
@@ -43,11 +31,12 @@ def move_durably(src, dst):
 
 def unlink_durably(path):
     """Remove `path` if present and make the removal durable."""
-    if _unlink_quietly(path):
+    if unlink_quietly(path):
         fsync_dir(os.path.dirname(path))
 
 
-def _unlink_quietly(path):
+def unlink_quietly(path):
+    """Remove `path` if it is there; True if it was."""
     try:
         os.unlink(path)
         return True
@@ -73,19 +62,25 @@ def syncfs(path):
 
 def replace_unsynced(path, data):
     """Write `data` to a temp file beside `path` and rename it over `path` (durable after syncfs); return its stat."""
-    head, _, name = path.rpartition("/")
-    tmp = f"{head}/.tmp-{name}"
+    return _publish(path, data, sync=False)
+
+
+def _publish(path, data, sync):
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".tmp-{name}")  # swept by name if a crash leaves it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
             st = os.fstat(fd)  # a rename keeps size and mtime
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)  # on a full disk, give the space back at once
+        unlink_quietly(tmp)  # on a full disk, give the space back at once
         raise
     return st

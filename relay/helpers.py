@@ -22,7 +22,7 @@ from .errors import ArchiveError, CorruptArchive
 _HEAD = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
-_helpers = []
+_helper = None  # the Helper of this process, once forked
 # Reply kinds: the inflate result, or the exception the caller raises in its place.
 _OK, _CORRUPT, _ARCHIVE, _OTHER = range(4)
 
@@ -138,27 +138,30 @@ def _fork():
 
 def start():
     """Fork the helper, unless there is one or this process already runs threads (a fork is unsafe then)."""
-    if not _helpers and threading.active_count() == 1 and hasattr(os, "fork"):
-        _helpers.append(_fork())
+    global _helper
+    if _helper is None and threading.active_count() == 1 and hasattr(os, "fork"):
+        _helper = _fork()
         atexit.register(stop)
-    return get()
+    return _helper
 
 
 def get():
     """The helper, or None."""
-    return _helpers[0] if _helpers else None
+    return _helper
 
 
 def stop():
     """Close the pipes (the helper then exits) and reap it."""
-    while _helpers:
-        helper = _helpers.pop()
-        for fd in (helper.requests, helper.replies):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    global _helper
+    helper, _helper = _helper, None
+    if helper is None:
+        return
+    for fd in (helper.requests, helper.replies):
         try:
-            os.waitpid(helper.pid, 0)
-        except ChildProcessError:
+            os.close(fd)
+        except OSError:
             pass
+    try:
+        os.waitpid(helper.pid, 0)
+    except ChildProcessError:
+        pass

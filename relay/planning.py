@@ -1,6 +1,8 @@
 """Pure planning: from a listing, the local incoming files and the state records, decide what work is due."""
 
+import functools
 import os
+
 import msgspec
 
 from . import state
@@ -26,7 +28,7 @@ class Skip(msgspec.Struct):
     reason: str
 
 
-class Plan(msgspec.Struct):
+class Plan(msgspec.Struct, dict=True):
     """What one server's run will do."""
 
     server: str
@@ -35,6 +37,19 @@ class Plan(msgspec.Struct):
     listed: dict = {}  # key -> (size, mtime) now listed, for parked records (a recovery refetches)
     skipped: list = []
     done: int = 0
+
+    @functools.cached_property
+    def labels(self):
+        """A unique task label per key (its due, then its parked files); asked for by several task
+        generators, so made once."""
+        labels, used = {}, set()
+        for rec in [w.record for w in self.due] + list(self.parked):
+            text = label(rec.local_name or rec.remote_path)
+            if text in used:
+                text = f"{text}~{rec.key[:8]}"
+            used.add(text)
+            labels[rec.key] = text
+        return labels
 
 
 def label(name):
@@ -45,18 +60,6 @@ def label(name):
     text = raw.decode("utf-8", "backslashreplace").replace("\\", "\\\\") if b"\\" in raw else \
         raw.decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
-
-
-def task_labels(plan):
-    """A unique task label per key of one server's plan (its due, then its parked files)."""
-    labels, used = {}, set()
-    for rec in [w.record for w in plan.due] + list(plan.parked):
-        text = label(rec.local_name or rec.remote_path)
-        if text in used:
-            text = f"{text}~{rec.key[:8]}"
-        used.add(text)
-        labels[rec.key] = text
-    return labels
 
 
 def versioned(name, generation, sha256):

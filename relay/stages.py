@@ -430,21 +430,18 @@ def _advance(rt, server, key):
         _finish(rt, rec)
 
 
-def _copy_lost(rt, rec):
-    """True when an interrupted run moved or lost a fetched copy before recording it."""
-    return (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED)
-            and (rec.server, rec.key) not in rt.fetched
-            and not os.path.exists(f"{rt.layout.incoming(rec.server)}/{rec.local_name}"))
-
-
-def _ready(rt, server, key):
-    """The file's record once its copy is in incoming/, fetching it first if need be."""
+def _ready(rt, server, key, before_fetch=None):
+    """The file's record once its copy is in incoming/, fetching it first if need be (after calling
+    `before_fetch`)."""
     rec = rt.record(server, key)
-    if _copy_lost(rt, rec):
-        # Fetch it again now.
+    if (rec.origin == "remote" and rec.status in (state.COPIED, state.VERIFIED) and (server, key) not in rt.fetched
+            and not os.path.exists(f"{rt.layout.incoming(server)}/{rec.local_name}")):
+        # An interrupted run moved or lost the fetched copy before recording it: fetch it again now.
         rt.save(rec, status=state.PENDING)
         rt.emit(30, "fetched copy missing from incoming/; fetching it again", rec, operation="verify")
     if rec.status == state.PENDING:
+        if before_fetch is not None:
+            before_fetch()
         start_fetch(rt, server, [key])
         wait_fetched(rt, server, key)
         rec = rt.record(server, key)
@@ -501,6 +498,10 @@ def _work_with_helper(lane, helper):
             _release_caps(rt, server)
             lane.finished(server, error)
 
+    def end_all():
+        while in_flight:
+            end_oldest()
+
     while True:
         job = lane.take(block=not in_flight) if len(in_flight) < 2 else None
         if job is None:
@@ -509,11 +510,8 @@ def _work_with_helper(lane, helper):
         server, _, (rt, _, key) = job
         error = None
         try:
-            rec = rt.record(server, key)
-            # _ready would wait for a fetch, which takes a per-server cap: hold none meanwhile.
-            while in_flight and (rec.status == state.PENDING or _copy_lost(rt, rec)):
-                end_oldest()
-            rec = _ready(rt, server, key)
+            # A fetch takes a per-server cap: hold none while waiting for one.
+            rec = _ready(rt, server, key, before_fetch=end_all)
             while not _take_caps(rt, server, blocking=not in_flight):
                 end_oldest()
         except Exception as exc:  # noqa: BLE001
@@ -758,7 +756,7 @@ def settle_server(server):
     if plan is None:
         return {"task_dep": []}
     parked_now = {w.key for w in plan.due if (rec := rt.record(server, w.key)).parked and rec.run_id == rt.run_id}
-    return {"task_dep": [f"extract:{server}/{label}" for key, label in planning.task_labels(plan).items()
+    return {"task_dep": [f"extract:{server}/{label}" for key, label in plan.labels.items()
                          if key in parked_now]}
 
 

@@ -129,6 +129,10 @@ BATCH_PREFIX = "batch-"
 COMPACT_BATCHES = 16
 
 
+def _encode_batch(records):
+    return b"[" + b",\n".join(map(encode, records)) + b"]"
+
+
 def is_batch(name):
     """True for the name of a batch file (many records in one JSON array)."""
     return name.startswith(BATCH_PREFIX)
@@ -177,10 +181,11 @@ class Store:
         return os.path.join(self._dir(record.server), f"{record.key}.json")
 
     def _scan(self, server):
-        if server not in self._scans:
-            self._scans[server] = self._read_dir(server, sweep=True)
-            self.records.setdefault(server, {}).update(
-                {k: r for k, r in self._scans[server].records.items() if k not in self.records.get(server, {})})
+        if server not in self._scans:  # a write to a server this store never loaded
+            scan = self._scans[server] = self._read_dir(server, sweep=True)
+            known = self.records.setdefault(server, {})
+            for key, record in scan.records.items():
+                known.setdefault(key, record)
         return self._scans[server]
 
     def _stamp(self, record, run_id, scan):
@@ -224,8 +229,7 @@ class Store:
                 self._stamp(record, run_id, scan)
             self._ensure_dir(server)
             name = f"{BATCH_PREFIX}{group[0].rev:012d}.json"
-            st = durable.replace_unsynced(os.path.join(self._dir(server), name),
-                                          b"[" + b",\n".join(map(encode, group)) + b"]")
+            st = durable.replace_unsynced(os.path.join(self._dir(server), name), _encode_batch(group))
             scan.batches.add(name)
             for record in group:
                 old = scan.holders.get(record.key)
@@ -236,7 +240,7 @@ class Store:
         if records:
             durable.syncfs(self.state_dir)
         for path in superseded:  # after the syncfs: the batch holds their newer version
-            durable._unlink_quietly(path)
+            durable.unlink_quietly(path)
 
     def load_server(self, server):
         """All records of `server`, by key; decodes only the files changed since the index."""
@@ -336,8 +340,7 @@ class Store:
         if held:
             name = f"{BATCH_PREFIX}{max(r.rev for r in held):012d}-merged.json"
             self._ensure_dir(server)
-            st = durable.write_atomic(os.path.join(self._dir(server), name),
-                                      b"[" + b",\n".join(map(encode, held)) + b"]")
+            st = durable.write_atomic(os.path.join(self._dir(server), name), _encode_batch(held))
             for record in held:
                 scan.holders[record.key] = name
             scan.stats[name] = (st.st_mtime_ns, st.st_size)
@@ -346,7 +349,7 @@ class Store:
         else:
             scan.batches = set()
         for name in old:
-            durable._unlink_quietly(os.path.join(self._dir(server), name))
+            durable.unlink_quietly(os.path.join(self._dir(server), name))
             scan.stats.pop(name, None)
 
     def write_index(self, server):

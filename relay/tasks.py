@@ -282,7 +282,7 @@ def fetch_tasks(plans):
 def extract_tasks(plans):
     """`extract:<server>/<file>` for due and parked files, and the `extract:<server>` groups with the summary."""
     for server, plan in plans.items():
-        labels = planning.task_labels(plan)
+        labels = plan.labels
         for work in plan.due:
             # Runnable on its own (`doit run extract:srv1/FILE`); in a run of the whole server, the
             # group does these files in bulk as rsync delivers them, without a doit task each.
@@ -305,7 +305,7 @@ def settle_tasks(plans):
     Its result names the tasks of the files this run parked, which doit then runs (they do nothing
     but let doit remember them: `doit forget` of such a task is what recovers its file)."""
     for server, plan in plans.items():
-        labels = planning.task_labels(plan)
+        labels = plan.labels
         parked = [f"extract:{server}/{labels[rec.key]}" for rec in plan.parked]
         yield {"name": server, "actions": [(stages.settle_server, [server])],
                "task_dep": [f"fetch:{server}", *parked], "uptodate": [False], "io": NO_CAPTURE,
@@ -316,7 +316,7 @@ def recover_tasks(plans):
     """`recover:<selector>` groups over parked files, for `doit forget -s recover:<selector>`."""
     groups = {"all": []}
     for server, plan in plans.items():
-        labels = planning.task_labels(plan)
+        labels = plan.labels
         groups.setdefault(server, [])
         for kind in ERROR_KINDS:
             groups.setdefault(kind, [])
