@@ -11,6 +11,7 @@ Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,
 """
 
 import argparse
+import compileall
 import hashlib
 import json
 import os
@@ -165,6 +166,10 @@ class Bench:
         self.box = sandbox.Sandbox(str(self.root / "servers"), count=3, password_servers=(2,)).start()
         self.env = self.box.environ()
         self.env["SSHPASS"] = self.box.password  # for the naive script's `sshpass -e`
+        # Byte-code, as an installed copy has: else a PYTHONDONTWRITEBYTECODE environment would have
+        # every run of ours compile the project's sources again (about 50 ms).
+        compileall.compile_dir(str(REPO / "relay"), quiet=1)
+        compileall.compile_file(str(REPO / "dodo.py"), quiet=1)
 
     def close(self):
         self.box.stop()
