@@ -12,6 +12,7 @@ Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,
 
 import argparse
 import compileall
+import gzip
 import hashlib
 import json
 import os
@@ -79,20 +80,28 @@ def measure(argv, env, cwd, cpu=None):
 # --- data ----------------------------------------------------------------------------------
 
 class Corpus:
-    """Realistic access-log lines from a seed; files are random samples of them (each file unique)."""
+    """Realistic access-log lines from a seed; each file is a run of consecutive lines of them, as a
+    rotated log is, starting at a line no other file starts at (so every file is unique)."""
 
     def __init__(self, seed):
         self.rng = random.Random(seed)
         self.lines = sandbox.log_lines(self.rng, 60_000).splitlines(keepends=True)
         self.mean = sum(map(len, self.lines)) / len(self.lines)
+        self.starts = set()
 
     def block(self, nbytes):
-        return b"".join(self.rng.choices(self.lines, k=max(1, int(nbytes / self.mean))))
+        count = min(len(self.lines), max(1, int(nbytes / self.mean)))
+        start = self.rng.randrange(len(self.lines))
+        while start in self.starts:
+            start = self.rng.randrange(len(self.lines))
+        self.starts.add(start)
+        return b"".join(self.lines[start:start + count] + self.lines[:max(0, start + count - len(self.lines))])
 
     def write(self, path, nbytes):
-        """A gzip file of about `nbytes` uncompressed log text, written in bounded pieces."""
+        """A gzip file of about `nbytes` uncompressed log text, compressed as logrotate does (gzip -6),
+        written in bounded pieces."""
         written = 0
-        with igzip.open(path, "wb", compresslevel=3) as out:
+        with gzip.open(path, "wb", compresslevel=6) as out:
             while written < nbytes:
                 piece = self.block(min(8 * 2**20, nbytes - written))
                 out.write(piece)
