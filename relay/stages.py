@@ -52,6 +52,7 @@ class Runtime:
         self.small_lane = None  # extraction of small files (see submit_extract)
         self.large_lane = None  # extraction of large files
         self.awaited = set()  # servers whose extract:<server> group runs this invocation and waits
+        self.named_tasks = set()  # extract:<server>/<file> tasks named on the command line
         self.prepare = None  # one-off work before the first action (set by relay.tasks.load)
         self._locks = collections.defaultdict(threading.Lock)
         # Made up front: creating them on first use from several threads could make two for one server.
@@ -674,18 +675,44 @@ RECOVER_HINT = {
 }
 
 
-def _wait_all(rt, server):
-    """Wait for the server's background fetches and extractions (fetches add extractions as files land,
-    and an extraction may start a fetch again)."""
+def _wait_all(rt, server, raise_errors=True):
+    """Wait for all the server's background fetches and extractions (fetches add extractions as files
+    land, and an extraction may start a fetch again), then re-raise the first error one of them raised."""
+    errors = []
     while True:
         fetches = list(rt.fetch_futures.get(server, ()))
-        for future in fetches:
-            future.result()
+        concurrent.futures.wait(fetches)
         for lane in (rt.small_lane, rt.large_lane):
             if lane is not None:
-                lane.wait(server)
+                try:
+                    lane.wait(server)
+                except Exception as exc:  # noqa: BLE001 - raised below, after everything has finished
+                    errors.append(exc)
         if len(rt.fetch_futures.get(server, ())) == len(fetches):
-            return
+            break
+    errors[:0] = [f.exception() for f in rt.fetch_futures.get(server, ()) if f.exception() is not None]
+    if errors and raise_errors:
+        raise errors[0]
+
+
+def _parked_now(rt, server, key):
+    rec = rt.record(server, key)
+    return rec is not None and rec.parked and rec.run_id == rt.run_id
+
+
+def due_needing_tasks(server, plan):
+    """The due files of `server` that get a doit task of their own.
+
+    In a run of the whole server, its work (started at load) is waited for first; then only the files
+    it parked get one (doit runs it, to remember the file until `doit forget`), and those the command
+    line names. A finished file needs no task: thousands of them cost more than the work. Otherwise
+    (`doit list`, `doit run extract:srv1/FILE`, …) every due file has one."""
+    rt = RUNTIME
+    if rt is None or server not in rt.awaited:
+        return plan.due
+    _wait_all(rt, server, raise_errors=False)  # an error is reported by the extract:<server> group
+    return [w for w in plan.due if _parked_now(rt, server, w.key)
+            or f"extract:{server}/{plan.labels[w.key]}" in rt.named_tasks]
 
 
 class Lane:
@@ -755,9 +782,8 @@ def settle_server(server):
     plan = rt.plans.get(server)
     if plan is None:
         return {"task_dep": []}
-    parked_now = {w.key for w in plan.due if (rec := rt.record(server, w.key)).parked and rec.run_id == rt.run_id}
-    return {"task_dep": [f"extract:{server}/{label}" for key, label in plan.labels.items()
-                         if key in parked_now]}
+    return {"task_dep": [f"extract:{server}/{plan.labels[w.key]}" for w in plan.due
+                         if _parked_now(rt, server, w.key)]}
 
 
 def _parked_line(rec):

@@ -141,6 +141,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     rt = stages.Runtime(settings)
     servers = settings.enabled_servers
     rt.awaited = awaited_servers(argv, [s.name for s in servers]) if argv is not None else set()
+    rt.named_tasks = {a for a in argv or () if a.startswith("extract:") and "/" in a}
     if rt.awaited and settings.max_workers > 1:
         helper = helpers.start()  # now, before the listings start threads: see relay.helpers
         if helper is not None:
@@ -262,7 +263,7 @@ def awaited_servers(argv, servers):
     return {n.split(":", 1)[1] for n in names if n.startswith(("extract:", "settle:")) and "/" not in n} & set(servers)
 
 
-# --- task generators (pure: they only read the plans) ------------------------------------------
+# --- task generators (they read the plans; extract_tasks may wait for the run's work) -----------
 
 # doit captures a Python action's output by swapping sys.stdout/sys.stderr process-wide, which races
 # between worker threads (a run could end with a dead sys.stdout and exit 120). Our actions print
@@ -280,10 +281,12 @@ def fetch_tasks(plans):
 
 
 def extract_tasks(plans):
-    """`extract:<server>/<file>` for due and parked files, and the `extract:<server>` groups with the summary."""
+    """`extract:<server>/<file>` for due and parked files, and the `extract:<server>` groups with the summary.
+
+    In a run of a whole server this first waits for that server's work: see stages.due_needing_tasks."""
     for server, plan in plans.items():
         labels = plan.labels
-        for work in plan.due:
+        for work in stages.due_needing_tasks(server, plan):
             # Runnable on its own (`doit run extract:srv1/FILE`); in a run of the whole server, the
             # group does these files in bulk as rsync delivers them, without a doit task each.
             yield {"name": f"{server}/{labels[work.key]}", "actions": [(stages.process_file, [server, work.key])],
