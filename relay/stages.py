@@ -29,6 +29,36 @@ FLUSH_BYTES = 256 * 2**20
 LARGE_BYTES = 256 * 2**10
 
 
+class Tokens:
+    """A counting semaphore on a C-level queue: taken and given back for every small file, where
+    threading.Semaphore's Python-level Condition costs more than the rest of the bookkeeping."""
+
+    def __init__(self, count):
+        self.count = count
+        self._free = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(None)
+
+    def acquire(self, blocking=True):
+        """Take a token (waiting for one if `blocking`); False if none is free and not `blocking`."""
+        try:
+            self._free.get(block=blocking)
+        except queue.Empty:
+            return False
+        return True
+
+    def release(self):
+        """Give a token back."""
+        self._free.put(None)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class Runtime:
     """Everything one run shares: settings, state store, connections, plans and outcomes."""
 
@@ -56,8 +86,8 @@ class Runtime:
         self.prepare = None  # one-off work before the first action (set by relay.tasks.load)
         self._locks = collections.defaultdict(threading.Lock)
         # Made up front: creating them on first use from several threads could make two for one server.
-        self._slots = {s.name: threading.BoundedSemaphore(settings.max_per_server) for s in settings.servers}
-        self.workers = threading.BoundedSemaphore(settings.max_workers)  # the global cap on extraction
+        self._slots = {s.name: Tokens(settings.max_per_server) for s in settings.servers}
+        self.workers = Tokens(settings.max_workers)  # the global cap on extraction
         self._sha_owner = {}  # server -> sha256 -> key
         self._owners = {}  # server -> path under the data tree -> key
         self._pending = []  # records finished in memory, waiting for the next batch flush
@@ -586,6 +616,10 @@ def _extract_begin(rt, rec):
 def _extract_end(rt, rec, src, tmp, started, first=None):
     """Inflate with retries (`first`: the outcome of a first attempt the helper made), then place the output."""
     settings = rt.settings
+    if isinstance(first, codecs.Inflated):  # the helper's attempt succeeded: nothing to retry
+        _count(rec, "extract")
+        _place_extracted(rt, rec, tmp, first, started)
+        return
     outcomes = [first] if first is not None else []
 
     def attempt():
@@ -618,6 +652,11 @@ def _extract_end(rt, rec, src, tmp, started, first=None):
     except ArchiveError as exc:
         park(rt, rec, "extract", exc)
         return
+    _place_extracted(rt, rec, tmp, result, started)
+
+
+def _place_extracted(rt, rec, tmp, result, started):
+    """Rename a verified extraction into extracted/, or drop it if the content was processed already."""
     rec.sha256, rec.format = result.sha256, result.format
     owner = rt.claim_sha(rec.server, result.sha256, rec.key)
     if owner is not None:
@@ -723,7 +762,8 @@ class Lane:
 
     def __init__(self, name, threads=1, work=None):
         self._jobs = queue.SimpleQueue()
-        self._done = threading.Condition()
+        self._lock = threading.Lock()  # counts change per file: a plain lock; waiters use the Condition
+        self._done = threading.Condition(self._lock)
         self._pending = collections.Counter()  # server -> jobs queued or running
         self._errors = collections.defaultdict(list)  # server -> exceptions raised by its jobs
         # Daemons: a run that stops early (a doit error) must not hang on them; what they finished by
@@ -734,7 +774,7 @@ class Lane:
 
     def submit(self, server, fn, *args):
         """Queue fn(*args) as a job of `server`."""
-        with self._done:
+        with self._lock:
             self._pending[server] += 1
         self._jobs.put((server, fn, args))
 
@@ -747,7 +787,7 @@ class Lane:
 
     def finished(self, server, error=None):
         """Count one job of `server` done (with the exception it raised, if any)."""
-        with self._done:
+        with self._lock:
             if error is not None:
                 self._errors[server].append(error)
             self._pending[server] -= 1

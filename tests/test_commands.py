@@ -38,7 +38,7 @@ def test_sequential_means_one_file_and_one_server_at_a_time(env):
     rt = tasks.load(str(env.conf), environ=env.environ(), sequential=True)
     try:
         assert rt.settings.max_workers == 1 and rt.settings.max_per_server == 1
-        assert rt.workers._initial_value == 1
+        assert rt.workers.count == 1
     finally:
         tasks.release_lock()
         stages.RUNTIME = None

@@ -449,3 +449,14 @@ def test_helper_process_inflates_like_in_process_and_holds_none_of_the_runs_file
     assert str(out["keep"]) not in out["fds"] and len(out["fds"]) == 5  # stdio and its two pipe ends
     assert out["same"] and out["bytes"] and out["corrupt"] and out["gone"] and out["reaped"]
     assert out["no_fork_with_threads"]
+
+
+def test_tokens_cap_concurrency_like_a_semaphore():
+    from relay.stages import Tokens
+    caps = Tokens(2)
+    assert caps.acquire() and caps.acquire(blocking=False)
+    assert caps.acquire(blocking=False) is False  # both taken
+    caps.release()
+    with caps:  # the freed one
+        assert caps.acquire(blocking=False) is False
+    assert caps.acquire(blocking=False) and caps.count == 2
