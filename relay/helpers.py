@@ -31,25 +31,30 @@ class HelperGone(Exception):
     """The helper did not answer (killed, crashed) or failed unexpectedly: inflate in-process instead."""
 
 
-def _read_exact(fd, size):
-    data = b""
-    while len(data) < size:
-        piece = os.read(fd, size - len(data))
-        if not piece:
-            return None
-        data += piece
-    return data
-
-
 def _frame(value):
     data = _encoder.encode(value)
     return _HEAD.pack(len(data)) + data
 
 
-def _read_frame(fd):
-    head = _read_exact(fd, _HEAD.size)
-    body = _read_exact(fd, _HEAD.unpack(head)[0]) if head else None
-    return None if body is None else _decoder.decode(body)
+class _Frames:
+    """Frames read off a pipe: one read takes whatever is there (often a whole frame, or several)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buffer = b""
+
+    def next(self):
+        """The next decoded frame, or None at the end of the pipe."""
+        while True:
+            if len(self.buffer) >= _HEAD.size:
+                end = _HEAD.size + _HEAD.unpack_from(self.buffer)[0]
+                if len(self.buffer) >= end:
+                    body, self.buffer = self.buffer[_HEAD.size:end], self.buffer[end:]
+                    return _decoder.decode(body)
+            piece = os.read(self.fd, 1 << 16)
+            if not piece:
+                return None
+            self.buffer += piece
 
 
 def _text(exc):
@@ -59,8 +64,9 @@ def _text(exc):
 
 def _serve(requests, replies):
     """The helper's whole life: inflate what it is asked, answer, return when the run closes the pipe."""
+    frames = _Frames(requests)
     while True:
-        request = _read_frame(requests)
+        request = frames.next()
         if request is None:
             return
         src, tmp, max_bytes, min_free = request
@@ -81,6 +87,7 @@ class Helper:
 
     def __init__(self, pid, requests, replies):
         self.pid, self.requests, self.replies = pid, requests, replies
+        self._replies = _Frames(replies)
 
     def send(self, src, dst_tmp, *, max_bytes, min_free):
         """Ask for `codecs.inflate(src, dst_tmp, …)`; answers come back in the order asked."""
@@ -92,7 +99,7 @@ class Helper:
     def receive(self):
         """The outcome of the oldest request: an Inflated, or the CorruptArchive/ArchiveError to raise."""
         try:
-            reply = _read_frame(self.replies)
+            reply = self._replies.next()
         except OSError:
             reply = None
         if reply is None:
