@@ -111,16 +111,6 @@ class Corpus:
         return written
 
 
-def compression_ratio(paths):
-    raw = packed = 0
-    for path in paths:
-        packed += os.path.getsize(path)
-        with igzip.open(path, "rb") as fh:
-            while chunk := fh.read(2**22):
-                raw += len(chunk)
-    return raw / packed if packed else 0
-
-
 # --- the two contenders ----------------------------------------------------------------------
 
 def naive_script(box, servers, out_dir):
@@ -206,13 +196,13 @@ class Bench:
         count, size = spec["quick"] if quick else (spec["files"], spec["size"])
         servers = self.box.servers[: spec.get("servers", 3)]
         self._dirs(name)
-        paths = []
+        paths, raw = [], 0
         for s in servers:
             for i in range(count):
                 path = Path(s.remote_dir) / name / f"access.log.{i + 1}.gz"
-                corpus.write(str(path), size)
+                raw += corpus.write(str(path), size)
                 paths.append(path)
-        ratio = compression_ratio(paths[:3])
+        ratio = raw / sum(p.stat().st_size for p in paths)
         work, env, argv = self._ours(name, servers)
         naive_out = self.root / "naive" / name
         script = self.root / f"naive-{name}.sh"

@@ -25,7 +25,8 @@ def report(work):
     """Per server: what was fetched, extracted and parked, with paths (read from the state records)."""
     lines = []
     for server_dir in sorted((work / "state" / "records").iterdir()):
-        records = [msgspec.to_builtins(r) for _, r in sorted(state.read_records(str(work / "state"), server_dir.name).items())]
+        by_key = state.read_records(str(work / "state"), server_dir.name)
+        records = [msgspec.to_builtins(by_key[key]) for key in sorted(by_key)]
         fetched = [r for r in records if r["origin"] == "remote" and r["status"] != "pending"]
         extracted = [r for r in records if r["extracted_path"]]
         parked = [r for r in records if r["status"] == "error"]

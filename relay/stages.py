@@ -620,15 +620,12 @@ def _extract_end(rt, rec, src, tmp, started, first=None):
         _count(rec, "extract")
         _place_extracted(rt, rec, tmp, first, started)
         return
-    outcomes = [first] if first is not None else []
+    helper_error = [first] if first is not None else []  # the helper's failed attempt counts as the first
 
     def attempt():
         _count(rec, "extract")
-        if outcomes:
-            outcome = outcomes.pop()
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
+        if helper_error:
+            raise helper_error.pop()
         return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes)
 
     def on_failure(exc, number):
@@ -729,14 +726,20 @@ def _wait_all(rt, server, raise_errors=True):
                     errors.append(exc)
         if len(rt.fetch_futures.get(server, ())) == len(fetches):
             break
-    errors[:0] = [f.exception() for f in rt.fetch_futures.get(server, ()) if f.exception() is not None]
+    failed = [f.exception() for f in rt.fetch_futures.get(server, ())]
+    errors[:0] = [exc for exc in failed if exc is not None]
     if errors and raise_errors:
         raise errors[0]
 
 
-def _parked_now(rt, server, key):
-    rec = rt.record(server, key)
-    return rec is not None and rec.parked and rec.run_id == rt.run_id
+def _parked_now(rt, server, plan):
+    """The due files of `server` that this run parked."""
+    parked = []
+    for work in plan.due:
+        rec = rt.record(server, work.key)
+        if rec is not None and rec.parked and rec.run_id == rt.run_id:
+            parked.append(work)
+    return parked
 
 
 def due_needing_tasks(server, plan):
@@ -750,8 +753,8 @@ def due_needing_tasks(server, plan):
     if rt is None or server not in rt.awaited:
         return plan.due
     _wait_all(rt, server, raise_errors=False)  # an error is reported by the extract:<server> group
-    return [w for w in plan.due if _parked_now(rt, server, w.key)
-            or f"extract:{server}/{plan.labels[w.key]}" in rt.named_tasks]
+    parked = {w.key for w in _parked_now(rt, server, plan)}
+    return [w for w in plan.due if w.key in parked or f"extract:{server}/{plan.labels[w.key]}" in rt.named_tasks]
 
 
 class Lane:
@@ -822,8 +825,7 @@ def settle_server(server):
     plan = rt.plans.get(server)
     if plan is None:
         return {"task_dep": []}
-    return {"task_dep": [f"extract:{server}/{plan.labels[w.key]}" for w in plan.due
-                         if _parked_now(rt, server, w.key)]}
+    return {"task_dep": [f"extract:{server}/{plan.labels[w.key]}" for w in _parked_now(rt, server, plan)]}
 
 
 def _parked_line(rec):
