@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cerberus import Validator
+from cerberus.schema import DefinitionSchema, SchemaError
 
+from relay import config
 from relay.config import load_settings
 from relay.errors import ConfigError
 
@@ -44,6 +47,22 @@ def test_valid_config_and_defaults(tmp_path):
     assert settings.servers[0].remote_paths == ("/var/log/apps/*.gz",)
     assert settings.servers[0].port == 22 and settings.delete_source is False
     assert settings.ssh_strict_host_key_checking == "yes"
+
+
+def test_every_schema_passes_cerberus_own_check():
+    """A run takes the schemas as checked (see config._CheckedSchema): this is where they are checked."""
+    for name, schema in config.SCHEMAS.items():
+        DefinitionSchema(Validator(), schema)  # raises SchemaError on an unknown or malformed rule
+    with pytest.raises(SchemaError):
+        DefinitionSchema(Validator(), {"x": {"type": "no-such-type"}})
+
+
+def test_a_run_does_not_check_the_schemas_again(tmp_path, monkeypatch):
+    checked = []
+    Validator.clear_caches()  # cerberus remembers schemas it checked earlier in this process
+    monkeypatch.setattr(DefinitionSchema, "_validate", lambda self, schema: checked.append(schema))
+    settings = load_settings(str(write(tmp_path / "c")), environ={})
+    assert checked == [] and settings.servers[0].name == "srv1"
 
 
 def test_shipped_examples_are_valid(tmp_path):
