@@ -67,6 +67,13 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 class _Batches(logging.handlers.MemoryHandler):
     """Holds lines until 256 are waiting, a warning comes, or the process ends; then one write."""
 
+    def add(self, line):
+        """Queue a line below the flush level (see `note`), writing the batch once it is full."""
+        with self.lock:
+            self.buffer.append(line)
+            if len(self.buffer) >= self.capacity:
+                self.flush()
+
     def flush(self):
         self.acquire()
         try:
@@ -76,6 +83,29 @@ class _Batches(logging.handlers.MemoryHandler):
                 self.buffer.clear()
         finally:
             self.release()
+
+
+class _Line:
+    """What our formatters read of a LogRecord, made without the rest of one."""
+
+    def __init__(self, levelno, message, fields):
+        self.__dict__ = fields
+        self.levelno, self.levelname, self.name, self.msg = levelno, logging.getLevelName(levelno), LOGGER_NAME, message
+        self.created = time.time()
+
+    def getMessage(self):
+        return self.msg
+
+
+def note(logger, level, message, fields):
+    """Log `message` with `fields` (a dict of FIELDS, taken over); lines below WARNING go straight to
+    the batch of a logger `setup` made, without a LogRecord and the handler chain (a run logs one
+    line a file: they cost more than a small file's own Python)."""
+    batches = getattr(logger, "_relay_batches", None)
+    if level >= logging.WARNING or batches not in logger.handlers:
+        logger.log(level, message, extra=fields)
+    else:
+        batches.add(_Line(level, message, fields))
 
 
 def printable(text):
@@ -112,6 +142,7 @@ def setup(log_dir, log_format="json", level="INFO"):
     logger.setLevel(level)
     logger.propagate = False
     logger._relay_configured = (log_dir, log_format, level)
+    logger._relay_batches = buffered
     return logger
 
 

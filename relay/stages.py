@@ -172,7 +172,7 @@ class Runtime:
         if rec is not None:  # `fields` is this call's own dict
             fields.setdefault("server", rec.server)
             fields.setdefault("file", planning.label(rec.remote_path or rec.local_name))
-        self.log.log(level, message, extra=fields)
+        logs.note(self.log, level, message, fields)
 
     def slot(self, server):
         """The per-server concurrency cap."""

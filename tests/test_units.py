@@ -4,6 +4,7 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 import os
 import random
 import subprocess
@@ -399,6 +400,19 @@ def test_log_lines_go_out_in_batches_and_follow_logrotate(tmp_path):
     path.rename(path.with_suffix(".log.1"))  # logrotate moves the file away
     log.warning("after")
     assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == ["after"]
+    # A line below WARNING through logs.note joins the batch without a LogRecord, in the same format.
+    made = []
+    real_make = log.makeRecord
+    log.makeRecord = lambda *a, **k: made.append(a) or real_make(*a, **k)
+    logs.note(log, logging.INFO, "quick", {"server": "s", "file": "f.gz", "bytes": 7})
+    log.info("slow", extra={"server": "s", "file": "f.gz", "bytes": 7})
+    log.warning("flush")
+    quick, slow, _ = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert len(made) == 2  # "slow" and "flush" only
+    assert {k: v for k, v in quick.items() if k not in ("timestamp", "message")} == \
+        {k: v for k, v in slow.items() if k not in ("timestamp", "message")} == \
+        {"level": "INFO", "logger": "logpipe_relay", "server": "s", "file": "f.gz", "bytes": 7}
+    del log.makeRecord
     for handler in list(log.handlers):  # leave no handler on a deleted directory to later tests
         log.removeHandler(handler)
         handler.close()
