@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib 
     _CORRUPT = (zlib.error,)
 
 from . import durable
-from .errors import ArchiveError, CorruptArchive
+from .errors import ArchiveError, CorruptArchive, SourceChanged, SourceGone
 from .faults import crashpoint
 
 CHUNK = 1 << 18  # 256 KiB pieces stay in cache between inflate, hash and write (measured faster than 1 MiB)
@@ -61,8 +61,11 @@ class Inflated(NamedTuple):
     out_sha256: str
 
 
-def inflate(src, dst_tmp, *, max_bytes, min_free):
+def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
     """One read of `src`: hash it, detect its format, inflate it into `dst_tmp` (not yet fsynced).
+
+    `expect`: (size, whole-second mtime or None) the file must still have, else SourceChanged; a
+    missing `src` raises SourceGone. The check is on the open file, so it is the file that is read.
 
     Every gzip member is inflated, CRC and length checked by zlib; output comes in pieces of at most
     CHUNK bytes, so a bomb never sits in memory. Returns Inflated(sha256, format, size, out_sha256);
@@ -76,9 +79,16 @@ def inflate(src, dst_tmp, *, max_bytes, min_free):
     src_fd = out_fd = None
     try:
         # Plain file descriptors: for a small file, Python's buffered file objects cost more than the I/O.
-        src_fd = os.open(src, os.O_RDONLY)
+        try:
+            src_fd = os.open(src, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SourceGone(f"{name}: no longer there") from None
+        st = os.fstat(src_fd)
+        if expect is not None and (st.st_size != expect[0] or
+                                   (expect[1] is not None and int(st.st_mtime) != expect[1])):
+            raise SourceChanged(f"{name}: {st.st_size} bytes, {expect[0]} expected", st.st_size)
         # A small file in one read of its own size: a CHUNK-sized buffer each time costs an mmap.
-        step = min(CHUNK, os.fstat(src_fd).st_size + 1)
+        step = min(CHUNK, st.st_size + 1)
         block = os.read(src_fd, step)
         fmt = detect_format(block)
         if fmt not in SUPPORTED:

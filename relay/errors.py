@@ -60,6 +60,18 @@ class ArchiveError(RelayError):
     kind = "extract"
 
 
+class SourceGone(RelayError):
+    """The file to extract is no longer in incoming/."""
+
+
+class SourceChanged(RelayError):
+    """The file in incoming/ is not the one listed: its size (or mtime) differs; `size` is what it has."""
+
+    def __init__(self, message, size):
+        super().__init__(message)
+        self.size = size
+
+
 class CorruptArchive(RelayError):
     """The input is corrupt, truncated, of an unknown format or a decompression bomb."""
 

@@ -17,14 +17,14 @@ import threading
 import msgspec
 
 from . import codecs
-from .errors import ArchiveError, CorruptArchive
+from .errors import ArchiveError, CorruptArchive, SourceChanged, SourceGone
 
 _HEAD = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 _helper = None  # the Helper of this process, once forked
 # Reply kinds: the inflate result, or the exception the caller raises in its place.
-_OK, _CORRUPT, _ARCHIVE, _OTHER = range(4)
+_OK, _CORRUPT, _ARCHIVE, _GONE, _CHANGED, _OTHER = range(6)
 
 
 class HelperGone(Exception):
@@ -69,14 +69,19 @@ def _serve(requests, replies):
         request = frames.next()
         if request is None:
             return
-        src, tmp, max_bytes, min_free = request
+        src, tmp, max_bytes, min_free, expect = request
         try:
-            got = codecs.inflate(os.fsdecode(src), os.fsdecode(tmp), max_bytes=max_bytes, min_free=min_free)
+            got = codecs.inflate(os.fsdecode(src), os.fsdecode(tmp), max_bytes=max_bytes, min_free=min_free,
+                                 expect=expect)
             reply = [_OK, got.sha256, got.format, got.size, got.out_sha256]
         except CorruptArchive as exc:
             reply = [_CORRUPT, _text(exc)]
         except ArchiveError as exc:
             reply = [_ARCHIVE, _text(exc)]
+        except SourceGone as exc:
+            reply = [_GONE, _text(exc)]
+        except SourceChanged as exc:
+            reply = [_CHANGED, _text(exc), exc.size]
         except Exception as exc:  # noqa: BLE001 - the run redoes the file in-process, where it shows
             reply = [_OTHER, _text(exc)]
         os.write(replies, _frame(reply))
@@ -89,15 +94,15 @@ class Helper:
         self.pid, self.requests, self.replies = pid, requests, replies
         self._replies = _Frames(replies)
 
-    def send(self, src, dst_tmp, *, max_bytes, min_free):
+    def send(self, src, dst_tmp, *, max_bytes, min_free, expect=None):
         """Ask for `codecs.inflate(src, dst_tmp, …)`; answers come back in the order asked."""
         try:
-            os.write(self.requests, _frame([os.fsencode(src), os.fsencode(dst_tmp), max_bytes, min_free]))
+            os.write(self.requests, _frame([os.fsencode(src), os.fsencode(dst_tmp), max_bytes, min_free, expect]))
         except OSError as exc:
             raise HelperGone(f"inflate helper {self.pid} is gone ({exc.strerror})") from None
 
     def receive(self):
-        """The outcome of the oldest request: an Inflated, or the CorruptArchive/ArchiveError to raise."""
+        """The outcome of the oldest request: an Inflated, or the error inflate raised (to raise in its place)."""
         try:
             reply = self._replies.next()
         except OSError:
@@ -111,6 +116,10 @@ class Helper:
             return CorruptArchive(message)
         if reply[0] == _ARCHIVE:
             return ArchiveError(message)
+        if reply[0] == _GONE:
+            return SourceGone(message)
+        if reply[0] == _CHANGED:
+            return SourceChanged(message, reply[2])
         raise HelperGone(f"inflate helper {self.pid} failed: {message}")
 
 

@@ -13,7 +13,8 @@ import msgspec
 from doit.exceptions import TaskFailed
 
 from . import codecs, durable, helpers, logs, planning, state
-from .errors import ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing, StateWriteError
+from .errors import (ArchiveError, CorruptArchive, RemoteError, RemoteFileMissing, SourceChanged, SourceGone,
+                     StateWriteError)
 from .faults import crashpoint
 from .layout import Layout
 from .remote import Connection
@@ -247,9 +248,13 @@ def unpark(rt, rec):
     return rt.save(rec, status=status, error_kind="", last_error="", source_path=source, attempts=attempts)
 
 
-def _count(rec, stage):
-    rec.attempts = {**rec.attempts, stage: rec.attempts.get(stage, 0) + 1}
-    return rec.attempts[stage]
+def _count(rec, stage, step=1):
+    count = rec.attempts.get(stage, 0) + step
+    attempts = {**rec.attempts, stage: count}
+    if not count:
+        del attempts[stage]
+    rec.attempts = attempts
+    return count
 
 
 # --- fetch -------------------------------------------------------------------------------
@@ -508,7 +513,7 @@ def _work_with_helper(lane, helper):
 
     At most two files are in flight, each holding its caps; a cap that is full while a file is in
     flight is waited for only after that file is done (waiting first could wait on ourselves)."""
-    in_flight = collections.deque()  # (server, rt, rec, (src, tmp, started))
+    in_flight = collections.deque()  # (server, rt, rec, (src, tmp, started, expect))
 
     def end_oldest():
         nonlocal helper
@@ -553,7 +558,7 @@ def _work_with_helper(lane, helper):
             if begun is not None and helper is not None:
                 try:
                     helper.send(begun[0], begun[1], max_bytes=rt.settings.max_extracted_bytes,
-                                min_free=rt.settings.min_free_bytes)
+                                min_free=rt.settings.min_free_bytes, expect=begun[3])
                     in_flight.append((server, rt, rec, begun))
                     continue  # its caps stay taken until end_oldest
                 except helpers.HelperGone as exc:
@@ -578,47 +583,44 @@ def recorded_run(task, values):
     return values.get("ran") is True
 
 
-def _changed_locally(rec, st):
-    if rec.origin == "remote":
-        return (st.st_size, int(st.st_mtime)) != (rec.size, int(float(rec.mtime)))
-    return st.st_size != rec.size
-
-
 def _extract(rt, rec):
-    begun = _extract_begin(rt, rec)
-    if begun is not None:
-        _extract_end(rt, rec, *begun)
+    _extract_end(rt, rec, *_extract_begin(rt, rec))
 
 
 def _extract_begin(rt, rec):
-    """The checks before inflating: (src, tmp, started), or None when they dealt with the file."""
-    src = f"{rt.layout.incoming(rec.server)}/{rec.local_name}"
-    try:
-        st = os.stat(src)
-    except FileNotFoundError:
+    """What inflating `rec` takes: (src, tmp, started, expect), `expect` being the size and mtime its
+    copy in incoming/ must still have (a dropped file: its size), checked by codecs.inflate."""
+    expect = (rec.size, int(float(rec.mtime)) if rec.origin == "remote" else None)
+    return (f"{rt.layout.incoming(rec.server)}/{rec.local_name}", f"{rt.layout.extract_tmp(rec.server)}/{rec.key}.part",
+            time.monotonic(), expect)
+
+
+def _source_moved(rt, rec, src, exc):
+    """The copy in incoming/ is gone (SourceGone) or not the file listed (SourceChanged)."""
+    if isinstance(exc, SourceGone):
         if rec.origin == "remote":
             rt.save(rec, status=state.PENDING)
             rt.emit(30, "source missing from incoming/; it will be fetched again", rec, operation="verify")
         else:
             rt.emit(30, "dropped file disappeared before it was extracted", rec, operation="verify")
-        return None
-    if _changed_locally(rec, st):
-        # The file changed between the listing and the transfer: leave it for a later, stable run.
-        if rec.origin == "remote":
-            durable.unlink_durably(src)
-            rt.save(rec, status=state.PENDING)
-        rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {st.st_size}); left for a "
-                "later run", rec, operation="verify")
-        return None
-    return src, f"{rt.layout.extract_tmp(rec.server)}/{rec.key}.part", time.monotonic()
+        return
+    # The file changed between the listing and the transfer: leave it for a later, stable run.
+    if rec.origin == "remote":
+        durable.unlink_durably(src)
+        rt.save(rec, status=state.PENDING)
+    rt.emit(30, f"changed during the run (listed {rec.size} bytes, got {exc.size}); left for a "
+            "later run", rec, operation="verify")
 
 
-def _extract_end(rt, rec, src, tmp, started, first=None):
+def _extract_end(rt, rec, src, tmp, started, expect, first=None):
     """Inflate with retries (`first`: the outcome of a first attempt the helper made), then place the output."""
     settings = rt.settings
     if isinstance(first, codecs.Inflated):  # the helper's attempt succeeded: nothing to retry
         _count(rec, "extract")
         _place_extracted(rt, rec, tmp, first, started)
+        return
+    if isinstance(first, (SourceGone, SourceChanged)):
+        _source_moved(rt, rec, src, first)
         return
     helper_error = [first] if first is not None else []  # the helper's failed attempt counts as the first
 
@@ -626,7 +628,12 @@ def _extract_end(rt, rec, src, tmp, started, first=None):
         _count(rec, "extract")
         if helper_error:
             raise helper_error.pop()
-        return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes)
+        try:
+            return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes,
+                                  min_free=settings.min_free_bytes, expect=expect)
+        except (SourceGone, SourceChanged):
+            _count(rec, "extract", -1)  # nothing was extracted: not an attempt
+            raise
 
     def on_failure(exc, number):
         if isinstance(exc, ArchiveError):
@@ -648,6 +655,9 @@ def _extract_end(rt, rec, src, tmp, started, first=None):
         return
     except ArchiveError as exc:
         park(rt, rec, "extract", exc)
+        return
+    except (SourceGone, SourceChanged) as exc:
+        _source_moved(rt, rec, src, exc)
         return
     _place_extracted(rt, rec, tmp, result, started)
 

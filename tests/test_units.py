@@ -422,7 +422,7 @@ def test_log_lines_go_out_in_batches_and_follow_logrotate(tmp_path):
 HELPER_SCRIPT = r"""
 import gzip, json, os, signal, sys, threading
 from relay import codecs, helpers
-from relay.errors import CorruptArchive
+from relay.errors import CorruptArchive, SourceChanged, SourceGone
 work = sys.argv[1]
 good, bad = os.path.join(work, "good.gz"), os.path.join(work, "bad.gz")
 with open(good, "wb") as fh:
@@ -431,10 +431,19 @@ with open(bad, "wb") as fh:
     fh.write(gzip.compress(b"line\n" * 5000)[:-20])
 keep = os.open(good, os.O_RDONLY)  # like the run's lock: the helper must not hold it
 helper = helpers.start()
+out = {}
 helper.send(good, os.path.join(work, "a.part"), max_bytes=1 << 30, min_free=0)
 helper.send(bad, os.path.join(work, "b.part"), max_bytes=1 << 30, min_free=0)
+helper.send(good, os.path.join(work, "f.part"), max_bytes=1 << 30, min_free=0, expect=[7, None])
+helper.send(good + ".nope", os.path.join(work, "g.part"), max_bytes=1 << 30, min_free=0)
 got, failed = helper.receive(), helper.receive()
-out = {"fds": sorted(os.listdir(f"/proc/{helper.pid}/fd"), key=int), "keep": keep}  # it has served: set up
+changed, gone = helper.receive(), helper.receive()
+size = os.path.getsize(good)
+out["moved"] = (isinstance(changed, SourceChanged) and changed.size == size and isinstance(gone, SourceGone)
+                and not os.path.exists(os.path.join(work, "f.part")))
+out["expected"] = helper.send(good, os.path.join(work, "h.part"), max_bytes=1 << 30, min_free=0,
+                              expect=[size, int(os.stat(good).st_mtime)]) or helper.receive() == got
+out.update({"fds": sorted(os.listdir(f"/proc/{helper.pid}/fd"), key=int), "keep": keep})  # it has served: set up
 out["same"] = got == codecs.inflate(good, os.path.join(work, "c.part"), max_bytes=1 << 30, min_free=0)
 out["bytes"] = open(os.path.join(work, "a.part"), "rb").read() == b"line\n" * 5000
 try:
@@ -463,6 +472,7 @@ def test_helper_process_inflates_like_in_process_and_holds_none_of_the_runs_file
     assert str(out["keep"]) not in out["fds"] and len(out["fds"]) == 5  # stdio and its two pipe ends
     assert out["same"] and out["bytes"] and out["corrupt"] and out["gone"] and out["reaped"]
     assert out["no_fork_with_threads"]
+    assert out["moved"] and out["expected"]  # the source checks, made on the open file
 
 
 def test_tokens_cap_concurrency_like_a_semaphore():
