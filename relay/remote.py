@@ -143,6 +143,8 @@ def listing_script(patterns):
 
 def decode_rsync_name(line):
     """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
+    if line.isascii() and "\\" not in line:
+        return line.rstrip("\n")  # nothing escaped: the common case, once a file
     raw = line.rstrip("\n").encode("ascii", "surrogateescape")
     return os.fsdecode(re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
 

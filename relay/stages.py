@@ -60,6 +60,37 @@ class Tokens:
         self.release()
 
 
+class Arrivals:
+    """Files whose fetch is under way; `wait` blocks until `arrived` (cheap for the many nobody waits for)."""
+
+    def __init__(self):
+        self._pending = set()
+        self._changed = threading.Condition(threading.Lock())
+        self._waiters = 0
+
+    def expect(self, items):
+        """Mark `items` as on their way."""
+        with self._changed:
+            self._pending.update(items)
+
+    def arrived(self, item):
+        """`item` is in place, or given up on: wake whoever waits for it."""
+        with self._changed:
+            self._pending.discard(item)
+            if self._waiters:
+                self._changed.notify_all()
+
+    def wait(self, item):
+        """Block while `item` is on its way."""
+        with self._changed:
+            self._waiters += 1
+            try:
+                while item in self._pending:
+                    self._changed.wait()
+            finally:
+                self._waiters -= 1
+
+
 class Runtime:
     """Everything one run shares: settings, state store, connections, plans and outcomes."""
 
@@ -77,7 +108,7 @@ class Runtime:
         self.listed = {}  # (server, key) -> (size, mtime) listed now, for parked records
         self.fetched = set()  # (server, key) whose fetch this run already started
         self.submitted = set()  # (server, key) handed to the extraction workers
-        self.arrivals = {}  # (server, key) -> Event set when the file is in incoming/ (or given up)
+        self.arrivals = Arrivals()  # of (server, key): in incoming/ (or given up)
         self.fetch_pool = None
         self.fetch_futures = collections.defaultdict(list)
         self.small_lane = None  # extraction of small files (see submit_extract)
@@ -295,15 +326,14 @@ def start_server(server):
 def start_fetch(rt, server, keys):
     """Start, in the background, one batch fetch of those `keys` that are pending and not yet tried this run.
 
-    Each file's arrival is signalled on its own event, so extraction starts while the batch goes on."""
+    Each file's arrival is signalled on its own, so extraction starts while the batch goes on."""
     with rt._locks[("fetch", server)]:
         batch = [rt.record(server, k) for k in dict.fromkeys(keys) if (server, k) not in rt.fetched]
         batch = [rec for rec in batch if rec is not None and rec.status == state.PENDING]
         if not batch:
             return
-        for rec in batch:
-            rt.fetched.add((server, rec.key))
-            rt.arrivals[(server, rec.key)] = threading.Event()
+        rt.fetched.update((server, rec.key) for rec in batch)
+        rt.arrivals.expect([(server, rec.key) for rec in batch])
         with rt._locks["pool"]:
             if rt.fetch_pool is None:
                 # One transfer per server at once; a sequential run (max_workers 1) takes servers in turn.
@@ -315,9 +345,7 @@ def start_fetch(rt, server, keys):
 
 def wait_fetched(rt, server, key):
     """Block until the batch that carries `key` has delivered or given up on it."""
-    event = rt.arrivals.get((server, key))
-    if event is not None:
-        event.wait()
+    rt.arrivals.wait((server, key))
 
 
 def _fetch_batch(rt, server, batch):
@@ -330,7 +358,7 @@ def _fetch_batch(rt, server, batch):
                 _fetch_dir(rt, server, remote_dir, group)
     finally:
         for rec in batch:  # whatever happened, nobody waits forever
-            rt.arrivals[(server, rec.key)].set()
+            rt.arrivals.arrived((server, rec.key))
 
 
 def _fetch_dir(rt, server, remote_dir, group):
@@ -358,7 +386,7 @@ def _fetch_dir(rt, server, remote_dir, group):
         # No record written: the next run's planner finds the copy in incoming/ by name, size and mtime.
         rt._apply(rec, {"status": state.COPIED, "source_path": ""})
         arrived.append(rec)
-        rt.arrivals[(server, rec.key)].set()
+        rt.arrivals.arrived((server, rec.key))
         if server in rt.awaited:
             submit_extract(rt, server, rec.key)
 

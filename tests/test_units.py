@@ -475,6 +475,28 @@ def test_helper_process_inflates_like_in_process_and_holds_none_of_the_runs_file
     assert out["moved"] and out["expected"]  # the source checks, made on the open file
 
 
+def test_rsync_names_are_decoded_back_to_their_bytes():
+    assert remote.decode_rsync_name("access.log.1.gz\n") == "access.log.1.gz"
+    assert remote.decode_rsync_name("latin1-\\#351.gz\n") == os.fsdecode(b"latin1-\xe9.gz")
+    assert remote.decode_rsync_name("new\\#012line.gz\n") == "new\nline.gz"
+    assert remote.decode_rsync_name("back\\slash.gz\n") == "back\\slash.gz"
+
+
+def test_arrivals_wake_the_waiter_of_a_file_and_never_block_on_others():
+    import threading
+    from relay.stages import Arrivals
+    arrivals, woke = Arrivals(), threading.Event()
+    arrivals.wait("never expected")  # returns at once
+    arrivals.expect(["a", "b"])
+    waiter = threading.Thread(target=lambda: (arrivals.wait("a"), woke.set()))
+    waiter.start()
+    arrivals.arrived("b")
+    arrivals.arrived("a")
+    waiter.join(timeout=10)
+    assert woke.is_set() and not waiter.is_alive()
+    arrivals.wait("b")  # arrived: returns at once
+
+
 def test_tokens_cap_concurrency_like_a_semaphore():
     from relay.stages import Tokens
     caps = Tokens(2)
