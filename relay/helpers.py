@@ -10,6 +10,7 @@ gone (killed, crashed), the run inflates in-process from then on.
 """
 
 import atexit
+import gc
 import os
 import struct
 import threading
@@ -144,6 +145,7 @@ def _fork():
     if pid == 0:  # the helper
         try:
             _close_all_but(requests_r, replies_w)
+            gc.freeze()  # the run's objects, copied by the fork: no collection walks (and copies) their pages
             _serve(requests_r, replies_w)
         finally:
             os._exit(0)

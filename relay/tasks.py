@@ -189,6 +189,9 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
         helpers.stop()  # nothing to extract: a live child only makes this process's page writes dearer
     pool.shutdown()
     gc.freeze()
+    # A run's garbage is mostly acyclic (reference counting frees it): a young generation 70 times
+    # Python's default means a handful of collections a run instead of dozens (10 to 15 ms for 2,100 files).
+    gc.set_threshold(50_000, 10, 10)
     gc.enable()
     return rt
 
