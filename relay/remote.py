@@ -196,12 +196,14 @@ def classify(code, stderr, *, server="", tool="ssh"):
 
 # --- I/O ------------------------------------------------------------------------------------
 
-def _env_for(server, secret=True):
+def _env_for(server, secret=True, environ=None):
+    """The environment of an ssh or rsync child: this process's, with the password (read from
+    `environ`, the run's environment, by default this process's) in SSHPASS for a password server."""
     env = dict(os.environ)
     env.pop("SSHPASS", None)
     env["LC_ALL"] = "C"  # rsync then logs every non-ASCII name byte as \#ooo, which we decode exactly
     if server.auth == "password" and secret:
-        secret = os.environ.get(server.password_env)
+        secret = (os.environ if environ is None else environ).get(server.password_env)
         if not secret:
             raise AuthFailed(f"server {server.name} uses password auth but ${server.password_env} is "
                              "not set; export it in the environment of the run", server=server.name)
@@ -209,7 +211,7 @@ def _env_for(server, secret=True):
     return env
 
 
-def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None):
+def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, environ=None):
     """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline.
 
     With `on_line`, each stdout line is handed to it as it comes instead of being collected."""
@@ -217,7 +219,7 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None):
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     try:
         extra = {"_out": on_line, "_decode_errors": "surrogateescape"} if on_line else {}
-        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret), _new_group=True, _in=stdin,
+        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret, environ), _new_group=True, _in=stdin,
                                       _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30,
                                       **extra)
     except sh.CommandNotFound:
@@ -235,9 +237,10 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None):
 class Connection:
     """A per-server handle that keeps one ControlMaster open for the run."""
 
-    def __init__(self, settings, server):
+    def __init__(self, settings, server, environ=None):
         self.settings = settings
         self.server = server
+        self.environ = environ  # where the password is read (None: this process's environment)
         self.sockets = control_dir(settings.state_dir)
         self._lock = threading.Lock()
         self._open = False
@@ -268,7 +271,7 @@ class Connection:
         with tempfile.TemporaryFile() as err:
             argv = master_argv(self.settings, self.server, self.sockets)
             try:
-                proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(self.server), _in=None,
+                proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(self.server, environ=self.environ), _in=None,
                                            _out=os.devnull, _err=err, _new_group=True,
                                            _ok_code=list(range(256)), _return_cmd=True,
                                            _timeout=self.settings.ssh_connect_timeout * 3 + 5)
@@ -313,7 +316,7 @@ class Connection:
             argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--",
                     self.server.host, listing_script(patterns)]
             code, out, err = _run(self.server, with_password(self.server, argv),
-                                  deadline=self.settings.ssh_deadline)
+                                  deadline=self.settings.ssh_deadline, environ=self.environ)
             if code != 0:
                 raise classify(code, err, server=self.server.name, tool=self._tool())
             self._open = True
@@ -332,7 +335,7 @@ class Connection:
             argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
             on_line = lambda line: on_file(decode_rsync_name(line))  # noqa: E731
         code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
-                            on_line=on_line)
+                            on_line=on_line, environ=self.environ)
         if code != 0:
             raise classify(code, err, server=self.server.name, tool="rsync")
 

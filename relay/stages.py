@@ -94,14 +94,14 @@ class Arrivals:
 class Runtime:
     """Everything one run shares: settings, state store, connections, plans and outcomes."""
 
-    def __init__(self, settings, store=None):
+    def __init__(self, settings, store=None, environ=None):
         self.settings = settings
         self.layout = Layout(settings)
         self.store = store or state.Store(settings.state_dir)
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         self.started = time.monotonic()
         self.log = logs.get()
-        self.connections = {s.name: Connection(settings, s) for s in settings.servers}
+        self.connections = {s.name: Connection(settings, s, environ) for s in settings.servers}
         self.plans = {}  # server -> Plan
         self.listing_errors = {}  # server -> message
         self.planned = {}  # (server, key) -> Record not yet on disk

@@ -138,7 +138,7 @@ def load(config_dir=None, environ=None, process_incoming=None, now=None, sequent
     if argv is not None and doit_command(argv) == "run":
         check_state_space(settings.state_dir)
     logs.setup(settings.log_dir, settings.log_format, settings.log_level)
-    rt = stages.Runtime(settings)
+    rt = stages.Runtime(settings, environ=environ)
     servers = settings.enabled_servers
     rt.awaited = awaited_servers(argv, [s.name for s in servers]) if argv is not None else set()
     rt.named_tasks = {a for a in argv or () if a.startswith("extract:") and "/" in a}

@@ -201,6 +201,7 @@ def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
     sb.write_gz(str(env.remote("srv1") / "moving.gz"), data)
     rt = tasks.load(str(env.conf), environ=env.environ())
     try:
+        assert rt.listing_errors == {}  # srv2's password too is read from the environ given
         [work] = rt.plans["srv1"].due
         with open(env.remote("srv1") / "moving.gz", "ab") as fh:  # appended after the listing
             fh.write(gzip.compress(b"more\n"))
