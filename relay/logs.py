@@ -67,13 +67,6 @@ class _LogFile(logging.handlers.WatchedFileHandler):
 class _Batches(logging.handlers.MemoryHandler):
     """Holds lines until 256 are waiting, a warning comes, or the process ends; then one write."""
 
-    def add(self, line):
-        """Queue a line below the flush level (see `note`), writing the batch once it is full."""
-        with self.lock:
-            self.buffer.append(line)
-            if len(self.buffer) >= self.capacity:
-                self.flush()
-
     def flush(self):
         self.acquire()
         try:
@@ -105,7 +98,7 @@ def note(logger, level, message, fields):
     if level >= logging.WARNING or batches not in logger.handlers:
         logger.log(level, message, extra=fields)
     else:
-        batches.add(_Line(level, message, fields))
+        batches.handle(_Line(level, message, fields))
 
 
 def printable(text):

@@ -279,13 +279,9 @@ def unpark(rt, rec):
     return rt.save(rec, status=status, error_kind="", last_error="", source_path=source, attempts=attempts)
 
 
-def _count(rec, stage, step=1):
-    count = rec.attempts.get(stage, 0) + step
-    attempts = {**rec.attempts, stage: count}
-    if not count:
-        del attempts[stage]
-    rec.attempts = attempts
-    return count
+def _count(rec, stage):
+    rec.attempts = {**rec.attempts, stage: rec.attempts.get(stage, 0) + 1}
+    return rec.attempts[stage]
 
 
 # --- fetch -------------------------------------------------------------------------------
@@ -653,17 +649,14 @@ def _extract_end(rt, rec, src, tmp, started, expect, first=None):
     helper_error = [first] if first is not None else []  # the helper's failed attempt counts as the first
 
     def attempt():
-        _count(rec, "extract")
         if helper_error:
             raise helper_error.pop()
-        try:
-            return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes,
-                                  min_free=settings.min_free_bytes, expect=expect)
-        except (SourceGone, SourceChanged):
-            _count(rec, "extract", -1)  # nothing was extracted: not an attempt
-            raise
+        return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes,
+                              min_free=settings.min_free_bytes, expect=expect)
 
     def on_failure(exc, number):
+        if not isinstance(exc, (SourceGone, SourceChanged)):  # those extracted nothing: not an attempt
+            _count(rec, "extract")
         if isinstance(exc, ArchiveError):
             rt.emit(30, f"extract attempt {number} failed: {exc}", rec, operation="extract",
                     attempt=number, error=str(exc))
@@ -687,6 +680,7 @@ def _extract_end(rt, rec, src, tmp, started, expect, first=None):
     except (SourceGone, SourceChanged) as exc:
         _source_moved(rt, rec, src, exc)
         return
+    _count(rec, "extract")
     _place_extracted(rt, rec, tmp, result, started)
 
 
