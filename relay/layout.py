@@ -1,7 +1,6 @@
 """Where files live: the user's data tree under DATA_ROOT and our private work areas under TMP_DIR."""
 
 import functools
-import hashlib
 import os
 
 ERROR_KINDS = ("copy", "extract", "quarantine")
@@ -33,10 +32,9 @@ class Layout:
         """Parked files of one error kind."""
         return os.path.join(self.root, "error", kind, server)
 
-    def staging(self, server, remote_dir):
-        """rsync's private landing directory for one remote directory."""
-        tag = hashlib.sha256(os.fsencode(remote_dir)).hexdigest()[:20]
-        return os.path.join(self.tmp, "fetch", server, tag)
+    def fetch_area(self, server):
+        """Where each rsync batch of `server` gets a private landing directory of its own."""
+        return os.path.join(self.tmp, "fetch", server)
 
     @functools.lru_cache(maxsize=None)  # asked for on every file
     def extract_tmp(self, server):

@@ -107,17 +107,31 @@ def _rsync_quote(arg):
     return f"'{arg}'" if "'" not in arg else f'"{arg}"'
 
 
-def rsync_argv(settings, server, sockets, remote_dir, staging):
-    """Hardened rsync pulling the basenames given on stdin from `remote_dir` into `staging`."""
+def rsync_argv(settings, server, sockets, remote_dir, staging, trust_sender=True):
+    """Hardened rsync pulling the basenames given on stdin from `remote_dir` into `staging`.
+
+    `trust_sender`: skip rsync's own check that the sender sent only the names asked for. That check
+    costs time quadratic in the number of names (a 7,000-file batch: 1.8 s of client CPU instead of
+    0.46 s). Ours stands in for it: `staging` is a private directory of this batch alone, rsync still
+    refuses absolute and `..` names, and only the names asked for are taken out of it (relay.stages)."""
     ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets),
                                  "-o", "ControlMaster=no"])
     return [
-        "rsync", "--protect-args", "--times", "--no-relative", "--from0", "--files-from=-",
+        "rsync", *(["--trust-sender"] if trust_sender else []),
+        "--protect-args", "--times", "--no-relative", "--from0", "--files-from=-",
         "--ignore-missing-args", "--chmod=F0644", "--no-motd",
         f"--timeout={settings.ssh_deadline}",
         "-e", " ".join(_rsync_quote(a) for a in ssh),
         "--", f"{server.host}:{remote_dir.rstrip('/')}/", staging.rstrip("/") + "/",
     ]
+
+
+_RSYNC_TRUSTS_SENDER = True  # until the local rsync says it does not know --trust-sender
+
+
+def refuses_trust_sender(stderr):
+    """Whether rsync's stderr says it does not know --trust-sender (rsync before 3.2.5)."""
+    return "trust-sender" in stderr and re.search(r"unknown option|unrecognized option", stderr) is not None
 
 
 def split_glob(pattern):
@@ -323,19 +337,25 @@ class Connection:
         return parse_listing(out)
 
     def fetch(self, remote_dir, names, staging, on_file=None):
-        """Pull `names` (basenames in `remote_dir`) into `staging` in one rsync; raise on failure.
+        """Pull `names` (basenames in `remote_dir`) into `staging`, a private directory of this
+        batch alone, in one rsync; raise on failure.
 
         `on_file(name)` is called as rsync reports each file done, so work can start before the batch ends."""
+        global _RSYNC_TRUSTS_SENDER
         self.open()
-        os.makedirs(staging, exist_ok=True)
         listing = b"".join(os.fsencode(n) + b"\0" for n in names)
-        argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging)
-        on_line = None
-        if on_file is not None:
-            argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
-            on_line = lambda line: on_file(decode_rsync_name(line))  # noqa: E731
-        code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
-                            on_line=on_line, environ=self.environ)
+        on_line = None if on_file is None else (lambda line: on_file(decode_rsync_name(line)))
+        while True:
+            trusting = _RSYNC_TRUSTS_SENDER
+            argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging, trust_sender=trusting)
+            if on_file is not None:
+                argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
+            code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
+                                on_line=on_line, environ=self.environ)
+            if code != 0 and trusting and refuses_trust_sender(err):
+                _RSYNC_TRUSTS_SENDER = False  # an rsync older than 3.2.5, which has no such check either
+                continue
+            break
         if code != 0:
             raise classify(code, err, server=self.server.name, tool="rsync")
 

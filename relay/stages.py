@@ -5,6 +5,8 @@ import collections
 import concurrent.futures
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -358,8 +360,30 @@ def _fetch_batch(rt, server, batch):
 
 
 def _fetch_dir(rt, server, remote_dir, group):
+    area = rt.layout.fetch_area(server)
+    os.makedirs(area, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="batch-", dir=area)  # 0700, this batch's alone
+    try:
+        _fetch_into(rt, server, remote_dir, group, staging)
+    finally:
+        _clear_staging(rt, server, staging, {os.path.basename(r.remote_path) for r in group})
+
+
+def _clear_staging(rt, server, staging, asked):
+    """Remove a batch's landing directory; say so if the server sent files nobody asked for."""
+    try:
+        unasked = sorted(n for n in os.listdir(staging) if n not in asked and not n.startswith("."))
+    except OSError:
+        unasked = []
+    if unasked:
+        shown = ", ".join(planning.label(n) for n in unasked[:3]) + (", …" if len(unasked) > 3 else "")
+        rt.emit(30, f"the server sent {len(unasked)} file(s) that were not asked for ({shown}); "
+                "removed, not processed", None, server=server, operation="fetch")
+    shutil.rmtree(staging, ignore_errors=True)  # what stays (an I/O error) goes at the next run's sweep
+
+
+def _fetch_into(rt, server, remote_dir, group, staging):
     settings = rt.settings
-    staging = rt.layout.staging(server, remote_dir)
     incoming = rt.layout.incoming(server)
     conn = rt.connections[server]
     waiting = {os.path.basename(r.remote_path): r for r in group}

@@ -6,6 +6,7 @@ import fcntl
 import gc
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -68,9 +69,8 @@ def sweep(rt):
     """Remove temp files a killed run left behind: partial extractions, rsync temps, marker temps.
 
     Only names we create are touched: a parked file may itself start with a dot."""
-    removed = 0
+    removed = _sweep_landings(os.path.join(rt.settings.tmp_dir, "fetch"))
     patterns = [(os.path.join(rt.settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
-                (os.path.join(rt.settings.tmp_dir, "fetch"), lambda n: n.startswith(".")),
                 (os.path.join(rt.settings.data_root, "error"), lambda n: n.startswith(".tmp-"))]
     # Record temps are swept by Store.load_server, which lists those directories anyway.
     for root, stale in patterns:
@@ -81,6 +81,25 @@ def sweep(rt):
                     removed += 1
     if removed:
         rt.log.info(f"swept {removed} temp file(s) left by an interrupted run", extra={"operation": "sweep"})
+
+
+def _sweep_landings(fetch_root):
+    """Remove what a killed run left under TMP_DIR/fetch/<server>/: rsync's landing directories (each
+    a batch's own) and their files; those files are fetched again. Returns how many files went."""
+    removed = 0
+    try:
+        servers = [e.path for e in os.scandir(fetch_root) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    for server_dir in servers:
+        for entry in os.scandir(server_dir):
+            if entry.is_dir(follow_symlinks=False):
+                removed += sum(len(files) for _, _, files in os.walk(entry.path))
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def scan_incoming(rt, server, warn=True):

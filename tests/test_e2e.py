@@ -43,8 +43,11 @@ def test_full_run_extracts_everything_byte_identical_and_records_state(env):
         assert rec["format"] == "gzip"
         assert rec["sha256"] == sha((env.data / "processed" / rec["server"] / rec["local_name"]).read_bytes())
         assert rec["extracted_sha256"] == sha(open(rec["extracted_path"], "rb").read())
+    for server in ("srv1", "srv2", "srv3"):  # each batch's private landing directory is gone with it
+        assert list((env.work / "tmp" / "fetch" / server).iterdir()) == []
     log = (env.work / "logs" / "logpipe-relay.log").read_text()
     assert '"operation":"extract"' in log and env.box.password not in log
+    assert "not asked for" not in log
     summaries = {d["server"]: d for d in map(json.loads, log.splitlines()) if d.get("operation") == "summary"}
     assert set(summaries) == {"srv1", "srv2", "srv3"}
     assert summaries["srv1"]["message"] == "run summary: 2 file(s) processed, 0 duplicate(s), 0 parked"
@@ -338,3 +341,18 @@ def test_parked_dot_file_survives_the_temp_sweep(env):
     assert parked.read_bytes() == bad.read_bytes()
     env.doit("run", check=0)
     assert parked.read_bytes() == bad.read_bytes()
+
+
+def test_landing_directories_a_killed_run_left_are_swept_and_their_files_fetched_again(env):
+    data = logs("landing")
+    put(env, "srv1", "app.log.1.gz", data)
+    left = env.work / "tmp" / "fetch" / "srv1" / "batch-killed"
+    (left / "sub").mkdir(parents=True)
+    (left / "app.log.1.gz").write_bytes(b"not what the server has")  # completed, never taken
+    (left / ".app.log.1.gz.Xy12Ab").write_bytes(b"half")  # rsync's temp file
+    (left / "sub" / "x").write_bytes(b"x")
+    env.doit("run", check=0)
+    assert not left.exists()
+    assert (env.data / "extracted" / "srv1" / "app.log.1").read_bytes() == data
+    log = (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert "swept 3 temp file(s) left by an interrupted run" in log

@@ -9,11 +9,12 @@ import os
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from relay import codecs, planning, remote, retry, state
+from relay import codecs, planning, remote, retry, stages, state
 from relay.config import Server, Settings
 from relay.errors import (ArchiveError, AuthFailed, CorruptArchive, HostKeyMismatch, RemoteFileMissing,
                           RemoteUnreachable)
@@ -51,6 +52,46 @@ def test_rsync_flags_are_hardened():
     assert "StrictHostKeyChecking=yes" in ssh and "'UserKnownHostsFile=/k/known hosts'" in ssh
     assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/srv1" in ssh
     assert "BatchMode=yes" in ssh
+
+
+def test_rsync_trusts_the_sender_unless_the_local_rsync_lacks_the_option(monkeypatch):
+    # rsync's own check of the sender's names is quadratic in their number; the batch's private
+    # landing directory and relay.stages' taking only the names asked for stand in for it.
+    assert remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/x", "/s")[1] == "--trust-sender"
+    assert "--trust-sender" not in remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/x", "/s", trust_sender=False)
+    old = "rsync: --trust-sender: unknown option\nrsync error: syntax or usage error (code 1) at main.c(1795)\n"
+    assert remote.refuses_trust_sender(old)
+    assert not remote.refuses_trust_sender("rsync: link_stat \"/x/a.gz\" failed: No such file or directory (2)")
+    calls = []
+
+    def fake_run(server, argv, **kw):  # an rsync before 3.2.5: refuses the option, then works without it
+        calls.append(argv)
+        return (1, b"", old) if "--trust-sender" in argv else (0, b"", "")
+
+    monkeypatch.setattr(remote, "_run", fake_run)
+    monkeypatch.setattr(remote, "_RSYNC_TRUSTS_SENDER", True)
+    conn = remote.Connection(settings(), KEY_SERVER)
+    conn._open = True
+    conn.fetch("/x", ["a.gz"], "/s")
+    assert ["--trust-sender" in argv for argv in calls] == [True, False]
+    conn.fetch("/x", ["b.gz"], "/s")  # remembered: no second refusal
+    assert ["--trust-sender" in argv for argv in calls] == [True, False, False]
+
+
+def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_path):
+    staging = tmp_path / "batch-x"
+    staging.mkdir()
+    (staging / "asked.gz").write_bytes(b"1")  # asked for but not taken (the batch failed)
+    (staging / ".asked.gz.Ab12Cd").write_bytes(b"2")  # rsync's temp file of an interrupted transfer
+    (staging / "extra.gz").write_bytes(b"3")  # nobody asked for it
+    (staging / "sub").mkdir()
+    (staging / "sub" / "deeper.gz").write_bytes(b"4")
+    said = []
+    rt = types.SimpleNamespace(emit=lambda level, message, rec, **fields: said.append((level, message, fields)))
+    stages._clear_staging(rt, "srv1", str(staging), {"asked.gz"})
+    assert not staging.exists()
+    assert said == [(logging.WARNING, "the server sent 2 file(s) that were not asked for (extra.gz, sub); "
+                     "removed, not processed", {"server": "srv1", "operation": "fetch"})]
 
 
 def test_password_goes_through_sshpass_env_only():
