@@ -41,6 +41,9 @@ WORKLOADS = {
     "noop-50k": {"total": 50_000, "quick": None, "target": "wall <= 2.0 s, RSS <= 200 MB"},
     "big": {"files": 1, "size": 2 * 2**30, "quick": (1, 256 * 2**20), "target": "RSS <= 100 MB",
             "servers": 1},
+    # A server back after a long outage: thousands of files in one batch (no target of the issue's).
+    "backlog": {"files": 10_000, "size": 20 * 2**10, "quick": (1_000, 20 * 2**10), "target": "none (scaling)",
+                "servers": 1},
 }
 
 # bench/bare.py inflates each file in memory: it only takes part in workloads of files up to this size.
