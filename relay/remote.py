@@ -228,14 +228,30 @@ def _env_for(server, secret=True, environ=None):
 def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, environ=None):
     """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline.
 
-    With `on_line`, each stdout line is handed to it as it comes instead of being collected."""
+    With `on_line`, each stdout line is handed to it as it comes instead of being collected: the
+    calling thread reads the child's stdout itself, every line that is there at each read (no reader
+    thread and no callback a line, which cost more than a small file's landing)."""
     # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     try:
-        extra = {"_out": on_line, "_decode_errors": "surrogateescape"} if on_line else {}
-        proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret, environ), _new_group=True, _in=stdin,
-                                      _ok_code=list(range(256)), _return_cmd=True, _timeout=deadline + 30,
-                                      **extra)
+        command = sh.Command(guarded[0]).bake(*guarded[1:], _env=_env_for(server, secret, environ), _new_group=True,
+                                                _in=stdin, _ok_code=list(range(256)), _timeout=deadline + 30)
+        if on_line is None:
+            proc = command(_return_cmd=True)
+        else:
+            read_end, write_end = os.pipe()
+            try:
+                proc = command(_out=write_end, _bg=True)
+            finally:
+                os.close(write_end)  # the child has its own copy: end of file when it exits
+            try:
+                _read_lines(read_end, on_line)
+            except BaseException:
+                proc.kill_group()
+                raise
+            finally:
+                os.close(read_end)
+            proc.wait()
     except sh.CommandNotFound:
         raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
                           f"{'openssh-client' if argv[0] == 'ssh' else argv[0]})", server=server.name)
@@ -246,6 +262,17 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, envir
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
                                 "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
     return proc.exit_code, b"" if on_line else proc.stdout, proc.stderr.decode(errors="replace")
+
+
+def _read_lines(fd, on_line):
+    """Hand each line read from `fd` (decoded, without its newline) to `on_line`, until end of file."""
+    pending = b""
+    while chunk := os.read(fd, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            on_line(line.decode("utf-8", "surrogateescape"))
+    if pending:
+        on_line(pending.decode("utf-8", "surrogateescape"))
 
 
 class Connection:
