@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -76,6 +77,24 @@ def test_rsync_trusts_the_sender_unless_the_local_rsync_lacks_the_option(monkeyp
     assert ["--trust-sender" in argv for argv in calls] == [True, False]
     conn.fetch("/x", ["b.gz"], "/s")  # remembered: no second refusal
     assert ["--trust-sender" in argv for argv in calls] == [True, False, False]
+
+
+def test_command_output_is_read_whole_or_line_by_line_across_reads():
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a.gz\nb")  # a line split between two reads
+    os.write(write_end, b"\\#303\\#251.gz\nlast-without-newline")
+    os.close(write_end)
+    lines = []
+    assert remote._read_lines(read_end, lines.append) == b""
+    os.close(read_end)
+    assert lines == ["a.gz", "b\\#303\\#251.gz", "last-without-newline"]
+    assert [remote.decode_rsync_name(line) for line in lines[:2]] == ["a.gz", "bé.gz"]
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_end, b"x" * 200_000), os.close(write_end)))
+    writer.start()  # more than a pipe holds: several reads
+    assert remote._read_all(read_end) == b"x" * 200_000
+    writer.join()
+    os.close(read_end)
 
 
 def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_path):
