@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import queue
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -390,12 +391,18 @@ def _fetch_into(rt, server, remote_dir, group, staging):
     started = time.monotonic()
     arrived = []
 
-    def land(name):
-        """Move a completed file from rsync's landing area into incoming/ and wake its extractor."""
+    def land(name, reported=True):
+        """Move a completed file from rsync's landing area into incoming/ and wake its extractor.
+
+        `reported`: rsync reported it (a directory it would report with a trailing slash); else,
+        at the sweep after rsync exits, it must be a regular file (not a name that became a
+        directory on the server since the listing)."""
         rec = waiting.get(name)
         if rec is None:
             return
         try:
+            if not reported and not stat.S_ISREG(os.lstat(f"{staging}/{name}").st_mode):
+                return  # left in the landing directory, removed with it; the file is parked below
             os.replace(f"{staging}/{name}", f"{incoming}/{rec.local_name}")
         except FileNotFoundError:
             return  # not renamed into place yet: the sweep after rsync exits takes it
@@ -428,7 +435,7 @@ def _fetch_into(rt, server, remote_dir, group, staging):
         finally:
             # rsync may fail for some files and still deliver the others: keep what arrived.
             for name in list(waiting):
-                land(name)
+                land(name, reported=False)
 
     def on_failure(exc, number):
         rt.emit(30, f"fetch attempt {number} failed: {exc}", None, server=server, operation="fetch",
@@ -444,7 +451,8 @@ def _fetch_into(rt, server, remote_dir, group, staging):
         waiting.clear()
     for rec in waiting.values():  # rsync succeeded but the file was not there
         park(rt, rec, "copy", RemoteFileMissing(
-            f"{server}:{planning.label(rec.remote_path)}: vanished between listing and fetch"))
+            f"{server}:{planning.label(rec.remote_path)}: vanished, or is no longer a regular file, between "
+            "listing and fetch"))
     if arrived:
         rt.emit(20, f"fetched {len(arrived)} file(s)", None, server=server, operation="fetch",
                 bytes=sum(r.size for r in arrived), duration_ms=round((time.monotonic() - started) * 1000, 1))

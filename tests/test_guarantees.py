@@ -218,6 +218,31 @@ def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
         tasks.release_lock()
 
 
+def test_file_that_became_a_directory_before_the_fetch_is_parked_not_taken(env):
+    """In-process: listed as a file, a directory by the time rsync asks for it."""
+    sb.write_gz(str(env.remote("srv1") / "turned.gz"), b"x\n")
+    sb.write_gz(str(env.remote("srv1") / "fine.gz"), b"fine\n")
+    rt = tasks.load(str(env.conf), environ=env.environ())
+    try:
+        keys = {w.record.local_name: w.key for w in rt.plans["srv1"].due}
+        os.unlink(env.remote("srv1") / "turned.gz")
+        os.mkdir(env.remote("srv1") / "turned.gz")
+        (env.remote("srv1") / "turned.gz" / "inner").write_bytes(b"not a log")
+        os.chmod(env.remote("srv1") / "turned.gz", 0o755)
+        stages.fetch_server("srv1")
+        rec = rt.record("srv1", keys["turned.gz"])
+        assert (rec.status, rec.error_kind) == (state.ERROR, "copy")
+        assert "no longer a regular file" in rec.last_error
+        assert not (env.data / "incoming" / "srv1" / "turned.gz").exists()
+        assert rt.record("srv1", keys["fine.gz"]).status == state.COPIED
+        assert (env.data / "incoming" / "srv1" / "fine.gz").is_file()
+        assert list((env.work / "tmp" / "fetch" / "srv1").iterdir()) == []
+    finally:
+        for conn in rt.connections.values():
+            conn.close()
+        tasks.release_lock()
+
+
 def test_dead_peer_during_transfer_is_caught_and_parked(env):
     """kill -STOP of the server side mid-transfer: keepalives and the outer deadline end the run."""
     big = os.urandom(48 * 2**20)
