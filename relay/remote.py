@@ -234,8 +234,8 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, envir
     instead of being collected."""
     # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
+    read_end, write_end = os.pipe()
     try:
-        read_end, write_end = os.pipe()
         try:
             proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret, environ), _new_group=True,
                                           _in=stdin, _out=write_end, _ok_code=list(range(256)), _bg=True,
@@ -243,12 +243,14 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, envir
         finally:
             os.close(write_end)  # the child has its own copy: end of file when it (and its children) exit
         try:
-            out = _read_lines(read_end, on_line) if on_line else _read_all(read_end)
+            out = b""
+            if on_line:
+                _read_lines(read_end, on_line)
+            else:
+                out = _read_all(read_end)
         except BaseException:
             proc.kill_group()
             raise
-        finally:
-            os.close(read_end)
         proc.wait()
     except sh.CommandNotFound:
         raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
@@ -256,6 +258,8 @@ def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, envir
     except sh.TimeoutException:
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
                                 "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
+    finally:
+        os.close(read_end)
     if proc.exit_code in (124, 137):
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
                                 "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
@@ -279,7 +283,6 @@ def _read_lines(fd, on_line):
             on_line(line.decode("utf-8", "surrogateescape"))
     if pending:
         on_line(pending.decode("utf-8", "surrogateescape"))
-    return b""
 
 
 class Connection:
