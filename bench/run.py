@@ -296,7 +296,7 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--bare", action="store_true",
-                        help="also time bench/bare.py (small and large workloads): a plain Python pipeline with "
+                        help="also time bench/bare.py (workloads of files up to 64 MB): a plain Python pipeline with "
                              "no doit, sh, state, logs or durability, the floor for any tool on this machine")
     args = parser.parse_args()
     if os.geteuid() != 0:
