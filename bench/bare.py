@@ -43,9 +43,10 @@ def fetch(spec, server, names, arrivals):
     os.makedirs(staging)
     os.makedirs(incoming)
     rsh = " ".join(ssh_argv(spec, server) + ["-o", "ControlMaster=no"])
-    proc = subprocess.Popen(["rsync", "--trust-sender", "-s", "--times", "--from0", "--files-from=-", "--out-format=%n",
-                             "--outbuf=L", "-e", rsh, "--", f"{server['address']}:{server['remote_dir']}/",
-                             staging + "/"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(["rsync", "--trust-sender", "-s", "--times", "--from0", "--files-from=-",
+                             "--out-format=%n", "--outbuf=L", "-e", rsh, "--",
+                             f"{server['address']}:{server['remote_dir']}/", staging + "/"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     proc.stdin.write(b"".join(name + b"\0" for name in names))
     proc.stdin.close()
     previous = None

@@ -112,8 +112,9 @@ def rsync_argv(settings, server, sockets, remote_dir, staging, trust_sender=True
 
     `trust_sender`: skip rsync's own check that the sender sent only the names asked for. That check
     costs time quadratic in the number of names (bench/run.py's `backlog`, 10,000 files in one
-    batch: 4.98 s a run with it, 3.82 s without). Ours stands in for it: `staging` is a private directory of this batch alone, rsync still
-    refuses absolute and `..` names, and only the names asked for are taken out of it (relay.stages)."""
+    batch: 4.98 s a run with it, 3.82 s without). Ours stands in for it: `staging` is a private
+    directory of this batch alone, rsync still refuses absolute and `..` names, and only the names
+    asked for are taken out of it (relay.stages)."""
     ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets),
                                  "-o", "ControlMaster=no"])
     return [
@@ -382,17 +383,19 @@ class Connection:
         self.open()
         listing = b"".join(os.fsencode(n) + b"\0" for n in names)
         on_line = None if on_file is None else (lambda line: on_file(decode_rsync_name(line)))
-        while True:
-            trusting = _RSYNC_TRUSTS_SENDER
-            argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging, trust_sender=trusting)
+
+        def rsync(trust_sender):
+            argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging, trust_sender)
             if on_file is not None:
                 argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
-            code, _, err = _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
-                                on_line=on_line, environ=self.environ)
-            if code != 0 and trusting and refuses_trust_sender(err):
-                _RSYNC_TRUSTS_SENDER = False  # an rsync older than 3.2.5, which has no such check either
-                continue
-            break
+            return _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
+                        on_line=on_line, environ=self.environ)
+
+        trusting = _RSYNC_TRUSTS_SENDER
+        code, _, err = rsync(trusting)
+        if code != 0 and trusting and refuses_trust_sender(err):
+            _RSYNC_TRUSTS_SENDER = False  # an rsync older than 3.2.5, which has no such check either
+            code, _, err = rsync(False)
         if code != 0:
             raise classify(code, err, server=self.server.name, tool="rsync")
 
