@@ -1,9 +1,7 @@
-"""Everything that crosses SSH: argument lists (pure), listing, batch fetch, connection reuse. The only user of `sh`."""
+"""Everything that crosses SSH: listing, fetch, connection reuse; the only user of `sh` (argv: relay.sshargs)."""
 
-import hashlib
 import os
 import re
-import shlex
 import stat
 import sys
 import tempfile
@@ -13,6 +11,9 @@ import msgspec
 import sh
 
 from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable
+from .sshargs import (check_master_argv, control_dir, exit_master_argv, glob_escape,  # noqa: F401
+                      listing_script, master_argv, refuses_trust_sender, rsync_argv, split_glob,
+                      ssh_options, with_password)
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -29,15 +30,9 @@ class Entry(msgspec.Struct, frozen=True):
         return int(self.mtime.split(".")[0])
 
 
-# --- pure: argument lists -------------------------------------------------------------------
+# --- I/O helpers and parsing ---------------------------------------------------------------
 
-def control_dir(state_dir):
-    """A private directory for ControlMaster sockets, short enough for a unix socket path."""
-    candidate = os.path.join(state_dir, "ssh")
-    if len(candidate) <= 50:
-        return candidate
-    digest = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
-    return os.path.join(tempfile.gettempdir(), f"logpipe-relay-{os.getuid()}-{digest}")
+_RSYNC_TRUSTS_SENDER = True  # until the local rsync says it does not know --trust-sender
 
 
 def private_dir(path):
@@ -52,121 +47,12 @@ def private_dir(path):
     return path
 
 
-def ssh_options(settings, server, sockets):
-    """ssh `-o` options: host keys checked, timeouts, keepalives and a shared connection."""
-    opts = [
-        "-o", f"UserKnownHostsFile={settings.ssh_known_hosts}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"StrictHostKeyChecking={settings.ssh_strict_host_key_checking}",
-        "-o", f"ConnectTimeout={settings.ssh_connect_timeout}",
-        "-o", f"ServerAliveInterval={settings.ssh_server_alive_interval}",
-        "-o", f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
-        "-o", f"ControlPath={sockets}/{server.name}",
-        "-o", "LogLevel=ERROR",
-        "-p", str(server.port),
-        "-l", server.user,
-    ]
-    identity = server.identity_file or settings.ssh_identity_file
-    if identity:
-        opts += ["-i", identity, "-o", "IdentitiesOnly=yes"]
-    if server.auth == "password":
-        opts += ["-o", "PreferredAuthentications=password,keyboard-interactive",
-                 "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"]
-    else:
-        opts += ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
-    return opts
-
-
-def with_password(server, argv):
-    """Prefix `argv` with `sshpass -e` for password servers; the password travels in SSHPASS only."""
-    return ["sshpass", "-e", *argv] if server.auth == "password" else list(argv)
-
-
-def master_argv(settings, server, sockets):
-    """Start a background ControlMaster that later commands share."""
-    return with_password(server, [
-        "ssh", *ssh_options(settings, server, sockets),
-        "-o", "ControlMaster=yes", "-o", f"ControlPersist={settings.ssh_control_persist}",
-        "-f", "-N", "--", server.host])
-
-
-def check_master_argv(settings, server, sockets):
-    """Ask whether a ControlMaster is already up (no network)."""
-    return ["ssh", *ssh_options(settings, server, sockets), "-O", "check", "--", server.host]
-
-
-def exit_master_argv(settings, server, sockets):
-    """Ask the ControlMaster to exit."""
-    return ["ssh", *ssh_options(settings, server, sockets), "-O", "exit", "--", server.host]
-
-
-def _rsync_quote(arg):
-    # rsync splits -e on spaces and honours single or double quotes (no backslashes).
-    if not re.search(r"[\s'\"]", arg):
-        return arg
-    return f"'{arg}'" if "'" not in arg else f'"{arg}"'
-
-
-def rsync_argv(settings, server, sockets, remote_dir, staging, trust_sender=True):
-    """Hardened rsync pulling the basenames given on stdin from `remote_dir` into `staging`.
-
-    `trust_sender`: skip rsync's own check that the sender sent only the names asked for. That check
-    costs time quadratic in the number of names (bench/run.py's `backlog`, 10,000 files in one
-    batch: 4.98 s a run with it, 3.82 s without). Ours stands in for it: `staging` is a private
-    directory of this batch alone, rsync still refuses absolute and `..` names, and only the names
-    asked for are taken out of it (relay.stages)."""
-    ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets),
-                                 "-o", "ControlMaster=no"])
-    return [
-        "rsync", *(["--trust-sender"] if trust_sender else []),
-        "--protect-args", "--times", "--no-relative", "--from0", "--files-from=-",
-        "--ignore-missing-args", "--chmod=F0644", "--no-motd",
-        f"--timeout={settings.ssh_deadline}",
-        "-e", " ".join(_rsync_quote(a) for a in ssh),
-        "--", f"{server.host}:{remote_dir.rstrip('/')}/", staging.rstrip("/") + "/",
-    ]
-
-
-_RSYNC_TRUSTS_SENDER = True  # until the local rsync says it does not know --trust-sender
-
-
-def refuses_trust_sender(stderr):
-    """Whether rsync's stderr says it does not know --trust-sender (rsync before 3.2.5)."""
-    return "trust-sender" in stderr and re.search(r"unknown option|unrecognized option", stderr) is not None
-
-
-def split_glob(pattern):
-    """Split an absolute glob into the deepest wildcard-free directory and the depth below it."""
-    parts = pattern.rstrip("/").split("/")[1:]
-    fixed = 0
-    while fixed < len(parts) - 1 and not re.search(r"[*?\[]", parts[fixed]):
-        fixed += 1
-    return "/" + "/".join(parts[:fixed]), len(parts) - fixed
-
-
-def listing_script(patterns):
-    """One POSIX shell line that prints `type size mtime path\\0` for every match of `patterns`."""
-    steps = []
-    for pattern in patterns:
-        root, depth = split_glob(pattern)
-        steps.append(
-            f"{{ [ ! -e {shlex.quote(root)} ] || find {shlex.quote(root)} -mindepth {depth} "
-            f"-maxdepth {depth} -path {shlex.quote(pattern.rstrip('/'))} "
-            f"-printf '%y %s %T@ %p\\0'; }}")
-    return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
-
-
 def decode_rsync_name(line):
     """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
     if line.isascii() and "\\" not in line:
         return line.rstrip("\n")  # nothing escaped: the common case, once a file
     raw = line.rstrip("\n").encode("ascii", "surrogateescape")
     return os.fsdecode(re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
-
-
-def glob_escape(path):
-    """`path` as a find -path pattern that matches only itself."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", path)
 
 
 def parse_listing(raw):
