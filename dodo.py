@@ -1,25 +1,29 @@
-"""logpipe-relay task graph: `doit run`, `doit run extract:SERVER`, `doit forget -s recover:… && doit run`."""
+"""logpipe-relay task graph: `doit run`, `doit run extract:SERVER`, `doit forget -s recover:… && doit run`.
+
+Importing it reads the configuration and the state store, nothing else: no SSH, no lock, no write."""
 
 from relay import tasks
 
-DOIT_CONFIG = tasks.doit_config()
+RUN = tasks.build()
+KNOWN = tasks.Known(RUN)
+DOIT_CONFIG = tasks.doit_config(RUN)
+
+
+def task_list():
+    """List a server (one SSH round trip) and plan its work."""
+    yield from tasks.list_tasks(RUN)
 
 
 def task_fetch():
-    """Fetch new remote files with rsync over ssh, one batch per server."""
-    yield from tasks.fetch_tasks(tasks.plans())
+    """Fetch a server's due files with rsync over ssh, in one batch."""
+    yield from tasks.fetch_tasks(RUN)
 
 
 def task_extract():
-    """Verify, extract and file each due file; `extract:SERVER` is everything for one server."""
-    yield from tasks.extract_tasks(tasks.plans())
-
-
-def task_settle():
-    """Wait for a server's background work (a step of `extract:SERVER`)."""
-    yield from tasks.settle_tasks(tasks.plans())
+    """Verify, extract and file due files; `extract:SERVER` is everything for one server."""
+    yield from tasks.extract_tasks(RUN, KNOWN)
 
 
 def task_recover():
     """Groups of parked files, for recovery with `doit forget -s recover:<selector>`."""
-    yield from tasks.recover_tasks(tasks.plans())
+    yield from tasks.recover_tasks(RUN, KNOWN)

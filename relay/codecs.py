@@ -52,6 +52,12 @@ def _free_bytes(directory, max_age=0.5):
     return cached[1]
 
 
+def sha256_of(path):
+    """Hex SHA256 of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 class Inflated(NamedTuple):
     """What one read of a compressed file gave."""
 

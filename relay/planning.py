@@ -1,211 +1,186 @@
-"""Pure planning: from a listing, the local incoming files and the state records, decide what work is due."""
+"""Pure planning: from a server's listing, the files in its incoming/ and its known records, the Plan.
 
-import functools
+A record is one version of a file (relay.records.version_key): a listed version the store does not
+know is new work, whatever became of earlier versions of that path. Everything in incoming/ is
+unprocessed work: a fetched copy of a listed version, a leftover whose source move a crash cut
+short, or a file dropped by hand."""
+
 import os
 
 import msgspec
 
-from . import state
-from .state import Record
-
-# The first stage still to run for a record in each status.
-NEXT_STAGE = {state.PENDING: "fetch", state.COPIED: "verify", state.VERIFIED: "extract",
-              state.EXTRACTED: "extract"}
+from .records import COPIED, ERROR, PENDING, PROCESSED, SUPERSEDED, Record, version_key, whole_seconds
 
 
-class Work(msgspec.Struct):
-    """A file with work due, from stage `first` on."""
-
-    key: str
-    first: str
-    record: Record
-
-
-class Skip(msgspec.Struct):
-    """A listed path left alone this run, and why."""
+class Skip(msgspec.Struct, frozen=True):
+    """A listed or dropped path left alone this run, and why."""
 
     path: str
     reason: str
 
 
-class Plan(msgspec.Struct, dict=True):
-    """What one server's run will do."""
+class Plan(msgspec.Struct, kw_only=True):
+    """What one server's run will do; its records are the ones the run executes."""
 
     server: str
-    due: list = []
+    due: list = []  # Records to bring to `processed`: PENDING (to fetch) or COPIED (in incoming/)
+    probes: dict = {}  # key of a due PENDING record -> sha256 values it may be a rename of
     parked: list = []  # Records waiting in error/ for a recovery
-    listed: dict = {}  # key -> (size, mtime) now listed, for parked records (a recovery refetches)
+    superseded: list = []  # unfinished Records whose version is gone: nothing left to do for them
+    finish: list = []  # processed Records whose source is still in incoming/ (a crash cut the move short)
     skipped: list = []
+    listed: bool = True  # False when the listing failed: only what is already local is due
     done: int = 0
 
-    @functools.cached_property
-    def labels(self):
-        """A unique task label per key (its due, then its parked files); asked for by several task
-        generators, so made once."""
-        labels, used = {}, set()
-        for rec in [w.record for w in self.due] + list(self.parked):
-            text = label(rec.local_name or rec.remote_path)
-            if text in used:
-                text = f"{text}~{rec.key[:8]}"
-            used.add(text)
-            labels[rec.key] = text
-        return labels
+
+class Local(msgspec.Struct, frozen=True):
+    """A regular file in incoming/<server>/."""
+
+    name: str
+    size: int
+    mtime: str  # "seconds.nanoseconds"
 
 
-def label(name):
-    """A printable, shell-friendly rendering of a file name for task names and logs."""
-    if name.isascii() and name.isprintable() and "\\" not in name:
-        return name  # the common case, and it is asked for thousands of times a run
-    raw = os.fsencode(name)
-    text = raw.decode("utf-8", "backslashreplace").replace("\\", "\\\\") if b"\\" in raw else \
-        raw.decode("utf-8", "backslashreplace")
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+def _copy_matches(local, rec):
+    return local is not None and local.size == rec.size and (
+        rec.origin == "local" and local.mtime == rec.mtime
+        or rec.origin == "remote" and whole_seconds(local.mtime) == whole_seconds(rec.mtime))
 
 
-def versioned(name, generation, sha256):
-    """`name` for generation 0; later generations get `.<sha12>` before the compression suffix."""
-    if generation == 0 or not sha256:
+class _Planner:
+    def __init__(self, server, known, unfinished, incoming, now, min_age):
+        self.plan = Plan(server=server)
+        self.known = known
+        self.unfinished = {r.key: r for r in unfinished}
+        self.incoming = {f.name: f for f in incoming}
+        self.claimed = set()  # names in incoming/ explained by a record
+        self.names = set()  # local names given to due remote records
+        self.now = now
+        self.min_age = min_age
+        self.processed_by_size = {}
+        for k in known.values():
+            if k.status == PROCESSED and k.sha256:
+                self.processed_by_size.setdefault(k.size, []).append(k)
+
+    def young(self, mtime):
+        return self.now - float(mtime) < self.min_age
+
+    def resume_local_copies(self):
+        """Unfinished records whose copy sits in incoming/: due whatever the listing says."""
+        for rec in self.unfinished.values():
+            if rec.status == ERROR:
+                continue
+            if rec.status == COPIED and _copy_matches(self.incoming.get(rec.local_name), rec):
+                self.claimed.add(rec.local_name)
+                self.names.add(rec.local_name)
+
+    def listed(self, entries):
+        seen = set()
+        for entry in entries:
+            if entry.path in seen:
+                continue  # matched by two of the server's patterns: one file all the same
+            seen.add(entry.path)
+            if entry.kind != "f":
+                self.plan.skipped.append(Skip(entry.path, f"not a regular file (type {entry.kind})"))
+                continue
+            self.version(entry)
+        return seen
+
+    def version(self, entry):
+        key = version_key(self.plan.server, "remote", entry.path, entry.size, entry.mtime)
+        known = self.known.get(key)
+        if known is not None and known.status == PROCESSED:
+            self.plan.done += 1
+            return
+        rec = self.unfinished.pop(key, None)
+        if rec is not None and rec.status == ERROR:
+            self.plan.parked.append(rec)
+            return
+        if rec is None and self.young(entry.mtime):
+            self.plan.skipped.append(Skip(entry.path, "younger than min_file_age_seconds"))
+            return
+        if rec is None or rec.status == SUPERSEDED:
+            rec = Record(key=key, server=self.plan.server, origin="remote", remote_path=entry.path,
+                         size=entry.size, mtime=entry.mtime, attempts=rec.attempts if rec else {})
+        self.place_remote(rec)
+
+    def place_remote(self, rec):
+        if rec.status == COPIED and rec.local_name in self.claimed:
+            self.plan.due.append(rec)  # its copy is in incoming/ already
+            return
+        base = os.path.basename(rec.remote_path)
+        local = self.incoming.get(base)
+        if local is not None and base not in self.claimed and _copy_matches(local, rec):
+            rec.status, rec.local_name = COPIED, base  # fetched by a run that stopped before recording it
+            self.claimed.add(base)
+        else:
+            rec.status = PENDING
+            # Never over a file already in incoming/ (a hand drop) or another due file's name.
+            rec.local_name = base if base not in self.incoming and base not in self.names else \
+                f"{base}~{rec.key[:8]}"
+            candidates = [k.sha256 for k in self.processed_by_size.get(rec.size, ())
+                          if k.mtime == rec.mtime or k.remote_path == rec.remote_path]
+            if candidates:
+                self.plan.probes[rec.key] = sorted(set(candidates))
+        self.names.add(rec.local_name)
+        self.plan.due.append(rec)
+
+    def leftovers(self, listed_ok):
+        """Unfinished records not listed now: local copies go on; the rest wait or are superseded."""
+        for rec in self.unfinished.values():
+            if rec.status == ERROR:
+                self.plan.parked.append(rec)
+            elif rec.local_name in self.claimed and rec.status == COPIED:
+                self.plan.due.append(rec)
+            elif listed_ok or rec.origin == "local":
+                self.plan.superseded.append(rec)
+
+    def drops(self, processed_named, take_drops):
+        """Files in incoming/ that no due record explains: finished sources, or hand drops."""
+        for name, local in sorted(self.incoming.items()):
+            if name in self.claimed:
+                continue
+            leftover = [r for r in processed_named.get(name, ()) if _copy_matches(local, r)]
+            if leftover:
+                self.plan.finish.append(leftover[0])
+            elif take_drops:
+                self.drop(local)
+
+    def drop(self, local):
+        key = version_key(self.plan.server, "local", local.name, local.size, local.mtime)
+        known = self.known.get(key)
+        if known is not None and known.status == ERROR:
+            return  # parked already (listed among the unfinished)
+        if self.young(local.mtime):
+            self.plan.skipped.append(Skip(local.name, "younger than min_file_age_seconds"))
+            return
+        self.plan.due.append(Record(key=key, server=self.plan.server, origin="local", local_name=local.name,
+                                    size=local.size, mtime=local.mtime, status=COPIED))
+
+
+def plan_server(server, *, entries, incoming, known, unfinished, processed_named, now, min_age,
+                take_drops=True):
+    """Decide the due, parked, superseded and skipped files of one server.
+
+    `entries`: the remote listing, None if it failed; `incoming`: Local files in incoming/<server>/;
+    `known`: key -> store.Known; `unfinished`: the server's Records neither processed nor superseded;
+    `processed_named`: name in incoming/ -> processed Records whose copy had that name."""
+    planner = _Planner(server, known, unfinished, incoming, now, min_age)
+    planner.resume_local_copies()
+    if entries is not None:
+        planner.listed(entries)
+    planner.plan.listed = entries is not None
+    planner.leftovers(entries is not None)
+    planner.drops(processed_named, take_drops)
+    return planner.plan
+
+
+def filed_name(name, sha256, taken):
+    """The name a file is filed under in processed/ (its extraction drops the compression suffix):
+    `name` itself, or, when `taken(candidate)` says another file has it, `.<sha12>` before the suffix."""
+    if not taken(name):
         return name
     stem, dot, suffix = name.rpartition(".")
-    tag = sha256[:12]
-    return f"{stem}.{tag}.{suffix}" if dot and stem else f"{name}.{tag}"
-
-
-class _Claims(dict):
-    """local name -> key of the record that uses it; built on first use (a no-op run never needs it)."""
-
-    def __init__(self, records):
-        super().__init__()
-        self._records = records
-
-    def _fill(self):
-        if self._records is not None:
-            records, self._records = self._records, None
-            self.update({r.local_name: r.key for r in records.values() if r.local_name})
-
-    def get(self, name, default=None):
-        self._fill()
-        return super().get(name, default)
-
-    def __setitem__(self, name, key):
-        self._fill()
-        super().__setitem__(name, key)
-
-
-def _local_name(entry_path, key, claims):
-    base = os.path.basename(entry_path)
-    owner = claims.get(base)
-    return base if owner in (None, key) else f"{base}~{key[:8]}"
-
-
-def _fresh(record, **changes):
-    """A new generation of a finished record, ready to go through the stages again."""
-    return Record(key=record.key, server=record.server, origin=record.origin,
-                  remote_path=record.remote_path, local_name=record.local_name,
-                  generation=record.generation + 1, created_at=record.created_at, **changes)
-
-
-def plan_server(server, records, entries, incoming, now, min_age, drops=True):
-    """Decide the due, parked and skipped files of one server.
-
-    `entries`: the remote listing (None if the server could not be listed);
-    `incoming`: (name, size, mtime) of files found in incoming/<server>/ (None: not looked at);
-    `drops`: whether files there that no record claims are processed as local drops.
-    A remote file still to fetch whose copy already sits in incoming/ with the listed size and
-    mtime (a run stopped after rsync delivered it) goes on from `verify`: no second transfer.
-    """
-    plan = Plan(server=server)
-    claims = _Claims(records)
-    by_path = {r.remote_path: r for r in records.values() if r.origin == "remote"}
-    landed = {name: (size, mtime) for name, size, mtime in incoming or ()}
-    seen = set()
-    listed_paths = set()
-    for entry in entries or ():
-        if entry.path in listed_paths:
-            continue  # matched by two of the server's remote_path patterns: one file all the same
-        listed_paths.add(entry.path)
-        if entry.kind != "f":
-            plan.skipped.append(Skip(entry.path, f"not a regular file (type {entry.kind})"))
-            continue
-        record = by_path.get(entry.path)
-        if (record is not None and record.status == state.PROCESSED and record.size == entry.size
-                and record.mtime == entry.mtime):
-            seen.add(record.key)  # the common case at scale: done, unchanged
-            plan.done += 1
-            continue
-        key = record.key if record is not None else state.record_key(server, "remote", entry.path)
-        seen.add(key)
-        young = now - float(entry.mtime) < min_age
-        if record is None:
-            if young:
-                plan.skipped.append(Skip(entry.path, "younger than min_file_age_seconds"))
-                continue
-            record = Record(key=key, server=server, origin="remote", remote_path=entry.path,
-                            local_name=_local_name(entry.path, key, claims), size=entry.size,
-                            mtime=entry.mtime)
-            claims[record.local_name] = key
-            plan.due.append(_to_fetch(record, landed))
-        else:
-            _place_known(plan, record, entry.size, entry.mtime, young, landed)
-    for name, size, mtime in incoming if drops and incoming else ():
-        key = state.record_key(server, "local", name)
-        if claims.get(name, key) != key:
-            continue  # a fetched file waiting for its own stages
-        record = records.get(key)
-        young = now - float(mtime) < min_age
-        if record is None:
-            if young:
-                plan.skipped.append(Skip(name, "younger than min_file_age_seconds"))
-                continue
-            record = Record(key=key, server=server, origin="local", local_name=name, size=size,
-                            mtime=mtime, status=state.COPIED)
-            plan.due.append(Work(key, "verify", record))
-        else:
-            seen.add(key)
-            _place_known(plan, record, size, mtime, young, landed)
-    for key, record in records.items():
-        if key in seen:
-            continue
-        if record.parked:
-            plan.parked.append(record)
-        elif record.status in (state.COPIED, state.VERIFIED, state.EXTRACTED):
-            # Fetched already; the listing (or the local drop) no longer shows it, which is fine.
-            plan.due.append(Work(key, NEXT_STAGE[record.status], record))
-        elif record.status == state.PROCESSED:
-            plan.done += 1
-    return plan
-
-
-def _to_fetch(record, landed):
-    """Work for a remote record that needs its file: `fetch`, or `verify` when the copy already landed."""
-    size_mtime = landed.get(record.local_name)
-    # Not over a quarantined copy: the fetch is what supersedes (and removes) it.
-    if size_mtime is not None and not record.source_path and size_mtime[0] == record.size and \
-            int(float(size_mtime[1])) == int(float(record.mtime)):
-        record.status = state.COPIED
-        return Work(record.key, NEXT_STAGE[state.COPIED], record)
-    return Work(record.key, "fetch", record)
-
-
-def _place_known(plan, record, size, mtime, young, landed):
-    if record.parked:
-        plan.parked.append(record)
-        plan.listed[record.key] = (size, mtime)
-    elif record.status == state.PROCESSED:
-        if (record.size, record.mtime) == (size, mtime):
-            plan.done += 1
-        elif young:
-            plan.skipped.append(Skip(record.remote_path or record.local_name,
-                                     "changed and younger than min_file_age_seconds"))
-        elif record.origin == "local":
-            plan.due.append(Work(record.key, "verify", _fresh(record, size=size, mtime=mtime,
-                                                                status=state.COPIED)))
-        else:
-            plan.due.append(_to_fetch(_fresh(record, size=size, mtime=mtime, status=state.PENDING), landed))
-    elif record.status == state.PENDING:
-        if young:
-            plan.skipped.append(Skip(record.remote_path, "younger than min_file_age_seconds"))
-            return
-        plan.due.append(_to_fetch(msgspec.structs.replace(record, size=size, mtime=mtime), landed))
-    else:
-        plan.due.append(Work(record.key, NEXT_STAGE[record.status], record))
+    tagged = f"{stem}.{sha256[:12]}.{suffix}" if dot and stem and suffix.lower() in ("gz", "gzip") else \
+        f"{name}.{sha256[:12]}"
+    return tagged if not taken(tagged) else f"{tagged}~{sha256[12:20]}"

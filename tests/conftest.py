@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from relay import sandbox as sb
-from relay import state
+from relay.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 DODO = str(REPO / "dodo.py")
@@ -74,12 +74,14 @@ class Env:
             assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
-    def records(self, server=None):
-        """All state records (as dicts), optionally of one server."""
-        base = self.state / "records"
-        servers = [server] if server else sorted(p.name for p in base.iterdir()) if base.is_dir() else []
-        return [msgspec.to_builtins(rec) for s in servers
-                for _, rec in sorted(state.read_records(str(self.state), s).items())]
+    def records(self, server=None, superseded=False):
+        """All state records (as dicts), optionally of one server; superseded versions only if asked."""
+        store = Store(str(self.state), readonly=True)
+        try:
+            records = store.all_records(server)
+        finally:
+            store.close()
+        return [msgspec.to_builtins(rec) for rec in records if superseded or rec.status != "superseded"]
 
     def tree(self):
         """Every file under the data tree, relative, with its sha256."""

@@ -1,0 +1,297 @@
+"""A server's work, stage by stage: list and plan, fetch (renames recognised on the server first),
+then verify → extract → place each file. Every record change goes through the run's Ledger."""
+
+import fnmatch
+import os
+import time
+
+import msgspec
+
+from . import codecs, durable, fetching, logs
+from .errors import ArchiveError, CorruptArchive, RemoteError, SourceChanged, SourceGone
+from .faults import crashpoint
+from .ledger import incoming_path, move_source
+from .planning import Local, filed_name, plan_server
+from .records import COPIED, ERROR, EXTRACTED, PENDING, PROCESSED, SUPERSEDED, attempt, label
+from .retry import call_with_retry
+
+
+def emit(run, level, message, rec=None, **fields):
+    """Log one structured event (about `rec`, if given)."""
+    if rec is not None:
+        fields.setdefault("server", rec.server)
+        fields.setdefault("file", label(rec.name))
+    logs.note(run.log, level, message, fields)
+
+
+# --- list and plan ---------------------------------------------------------------------------
+
+def scan_incoming(run, server):
+    """The regular files in incoming/<server>/ (other kinds are said and left alone)."""
+    found = []
+    try:
+        entries = list(os.scandir(run.layout.incoming(server)))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            found.append(Local(entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
+        elif run.take_drops:
+            emit(run, 30, f"skipped {label(entry.name)} in incoming/: not a regular file", server=server,
+                 operation="list")
+    return found
+
+
+def _listing(run, server):
+    """The server's listing, retried on transient faults; None (and a problem noted) if it failed."""
+    settings = run.settings
+    started = time.monotonic()
+    try:
+        entries = call_with_retry(
+            run.connections[server.name].list_files, attempts=settings.max_retry_copy,
+            base=settings.retry_delay_base, cap=settings.retry_delay_max,
+            is_transient=lambda e: getattr(e, "transient", False),
+            fields={"server": server.name, "operation": "list"}, interrupted=run.stopping)
+    except RemoteError as exc:
+        run.problems.setdefault(server.name, []).append(f"listing failed: {exc}")
+        emit(run, 40, f"listing failed: {exc}", server=server.name, operation="list", error=str(exc))
+        return None
+    emit(run, 20, f"listed {len(entries)} path(s)", server=server.name, operation="list",
+         duration_ms=round((time.monotonic() - started) * 1000, 1))
+    for pattern in server.remote_paths:
+        if not any(fnmatch.fnmatchcase(e.path, pattern.rstrip("/")) for e in entries):
+            emit(run, 30, f"remote_path {pattern} matched nothing (no such directory, or no file yet)",
+                 server=server.name, operation="list")
+    return entries
+
+
+def list_server(run, server_name):
+    """doit action of `list:<server>`: list the server, plan its work and record the plan."""
+    run.start()
+    server = run.settings.server(server_name)
+    entries = _listing(run, server)
+    store = run.store
+    incoming = scan_incoming(run, server_name)
+    named = {f.name: store.processed_named(server_name, f.name) for f in incoming}
+    plan = plan_server(server_name, entries=entries, incoming=incoming, known=store.known(server_name),
+                       unfinished=store.unfinished(server_name), processed_named=named, now=time.time(),
+                       min_age=run.settings.min_file_age_seconds, take_drops=run.take_drops)
+    ledger = run.ledger
+    plan.due = [r for r in ledger.adopt(plan.due) if r.status in (PENDING, COPIED, EXTRACTED)]
+    plan.parked = ledger.adopt(plan.parked)
+    for skip in plan.skipped:
+        emit(run, 20, f"skipped {label(skip.path)}: {skip.reason}", server=server_name, operation="list")
+    for rec in ledger.adopt(plan.superseded):
+        ledger.change(rec, status=SUPERSEDED)
+    for rec in plan.due:
+        ledger.change(rec)  # recorded as due: `doit list` shows it, `doit run extract:S/FILE` finds it
+    ledger.flush()
+    run.plans[server_name] = plan
+    return plan
+
+
+# --- fetch ---------------------------------------------------------------------------------
+
+def fetch_server(run, server_name, records=None):
+    """doit action of `fetch:<server>`: recognise renames on the server, then fetch the rest in one batch."""
+    run.start()
+    plan = run.plans.get(server_name)
+    if records is None:
+        records = [r for r in plan.due if r.status == PENDING] if plan else []
+    records = _renames(run, server_name, records, plan.probes if plan else {})
+    if records:
+        fetching.fetch_batch(run, server_name, records, park)
+    run.ledger.flush()
+    return True
+
+
+def _renames(run, server_name, records, probes):
+    """Records due whose content the server's own sha256sum shows is known already: duplicates, with
+    no transfer. Returns the records still to fetch."""
+    candidates = [r for r in records if r.key in probes]
+    if not candidates:
+        return records
+    try:
+        hashes = run.connections[server_name].remote_sha256([r.remote_path for r in candidates])
+    except RemoteError as exc:
+        emit(run, 30, f"could not hash on the server ({exc}); fetching instead", server=server_name,
+             operation="verify")
+        return records
+    if hashes is None:
+        emit(run, 20, "the server has no sha256sum: possible renames are fetched and compared here",
+             server=server_name, operation="verify")
+        return records
+    renamed = set()
+    for rec in candidates:
+        sha = hashes.get(rec.remote_path)
+        owner = run.ledger.content_owner(server_name, sha) if sha else None
+        if owner is not None:
+            run.ledger.change(rec, status=PROCESSED, sha256=sha, duplicate_of=owner, source_path="",
+                              local_name="")
+            emit(run, 20, f"renamed copy of already processed content ({owner}); not transferred", rec,
+                 operation="verify")
+            renamed.add(rec.key)
+    return [r for r in records if r.key not in renamed]
+
+
+# --- park ------------------------------------------------------------------------------------
+
+def park(run, rec, kind, error):
+    """Move a failed file to error/<kind>/<server>/ (or write why there) and record it parked."""
+    message = str(error)
+    directory = run.layout.error(kind, rec.server)
+    os.makedirs(directory, exist_ok=True)
+    src = incoming_path(run.settings.data_root, rec)
+    name = filed_name(rec.local_name or os.path.basename(rec.remote_path), rec.key,
+                      lambda n: run.ledger.path_taken(rec, os.path.join(directory, n)))
+    target = os.path.join(directory, name)
+    if kind == "copy" or not os.path.exists(src):
+        target += ".error.json"
+        durable.write_atomic(target, msgspec.json.encode({"server": rec.server, "file": label(rec.name),
+                                                          "error": logs.printable(message), "run_id": run.run_id}))
+    else:
+        durable.move_durably(src, target)
+    run.ledger.claim_paths(rec, target)
+    run.ledger.change(rec, status=ERROR, error_kind=kind, last_error=logs.printable(message),
+                      source_path=target, parked_seen=False)
+    run.ledger.flush()
+    emit(run, 40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
+
+
+def unpark(run, rec):
+    """Bring a parked file back to the stage that failed, with fresh attempt counters."""
+    stage = "fetch" if rec.error_kind == "copy" else "extract"
+    attempts = {k: v for k, v in rec.attempts.items() if k != stage}
+    status = COPIED
+    if rec.origin == "remote" and rec.error_kind in ("copy", "quarantine"):
+        status = PENDING  # fetched afresh: the fault may have been in transit, or fixed on the server
+        durable.unlink_durably(rec.source_path)  # the reason, or the bad copy: a fresh fetch replaces it
+    elif os.path.exists(rec.source_path):
+        durable.move_durably(rec.source_path, incoming_path(run.settings.data_root, rec))
+    emit(run, 20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
+    run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts,
+                      parked_seen=False)
+    return rec
+
+
+# --- verify, extract, place ----------------------------------------------------------------
+
+def extract_file(run, rec):
+    """Verify, extract and place one file whose copy is in incoming/ (a worker's job)."""
+    if not run.ledger.begin(rec.key):
+        return
+    try:
+        run.check_stop()
+        if rec.status == COPIED:
+            with run.slot(rec.server):
+                _extract(run, rec)
+    finally:
+        run.ledger.end(rec.key)
+
+
+def _extract(run, rec):
+    settings = run.settings
+    src = incoming_path(settings.data_root, rec)
+    tmp = os.path.join(run.layout.extract_tmp(rec.server), f"{rec.key}.part")
+    expect = (rec.size, int(float(rec.mtime)) if rec.origin == "remote" else None)
+    started = time.monotonic()
+
+    def once():
+        attempt(rec, "extract")
+        return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes,
+                              expect=expect)
+
+    try:
+        result = call_with_retry(once, attempts=settings.max_retry_extract, base=settings.retry_delay_base,
+                                 cap=settings.retry_delay_max, is_transient=lambda e: isinstance(e, ArchiveError),
+                                 fields={"server": rec.server, "file": label(rec.name), "operation": "extract"},
+                                 interrupted=run.stopping)
+    except (SourceGone, SourceChanged) as exc:
+        _source_moved(run, rec, src, exc)
+        return
+    except CorruptArchive as exc:
+        if rec.origin == "remote" and _still_changing(run, rec):
+            durable.unlink_durably(src)
+            run.ledger.change(rec, status=SUPERSEDED)
+            emit(run, 30, "truncated and still changing on the server; its final version is fetched once "
+                 "stable", rec, operation="extract", error=str(exc))
+            return
+        park(run, rec, "quarantine", exc)
+        return
+    except ArchiveError as exc:
+        park(run, rec, "extract", exc)
+        return
+    crashpoint("extract")
+    _place(run, rec, tmp, result, started)
+
+
+def _source_moved(run, rec, src, exc):
+    if isinstance(exc, SourceGone):
+        run.ledger.change(rec, status=PENDING if rec.origin == "remote" else SUPERSEDED)
+        emit(run, 30, "its copy left incoming/ before it was extracted; a remote file is fetched again",
+             rec, operation="verify")
+        return
+    if rec.origin == "remote":
+        durable.unlink_durably(src)
+    run.ledger.change(rec, status=SUPERSEDED)  # another version of the file: planned as such next run
+    emit(run, 30, f"changed during the run (listed {rec.size} bytes, got {exc.size}); its new version is "
+         "processed once stable", rec, operation="verify")
+
+
+def _still_changing(run, rec):
+    try:
+        entry = run.connections[rec.server].stat_path(rec.remote_path)
+    except (RemoteError, UnicodeError):
+        return False
+    return entry is None or (entry.size, entry.mtime) != (rec.size, rec.mtime)
+
+
+def _place(run, rec, tmp, result, started):
+    """Rename a verified extraction into extracted/ (or drop it: known content), plan the source's place."""
+    ledger, layout = run.ledger, run.layout
+    rec.sha256, rec.format = result.sha256, result.format
+    owner = ledger.claim_content(rec, result.sha256)
+    extracted_dir, processed_dir = layout.extracted(rec.server), layout.processed(rec.server)
+
+    def taken(name):
+        out = os.path.join(extracted_dir, codecs.output_name(name, result.format))
+        return ledger.path_taken(rec, os.path.join(processed_dir, name)) or \
+            (owner is None and ledger.path_taken(rec, out))
+
+    name = filed_name(rec.local_name, result.sha256, taken)
+    source = "" if run.settings.delete_source else os.path.join(processed_dir, name)
+    if owner is not None:
+        os.unlink(tmp)
+        ledger.claim_paths(rec, source)
+        due = ledger.change(rec, status=EXTRACTED, duplicate_of=owner, source_path=source)
+        emit(run, 20, f"duplicate of already processed content ({owner}); not extracted again", rec,
+             operation="verify")
+    else:
+        target = os.path.join(extracted_dir, codecs.output_name(name, result.format))
+        if rec.origin == "local" and name != rec.local_name:
+            emit(run, 30, f"a file dropped in incoming/ has the name of another file; filed as {label(name)}",
+                 rec, operation="place")
+        os.replace(tmp, target)
+        crashpoint("place")
+        ledger.claim_paths(rec, target, source)
+        due = ledger.change(rec, nbytes=result.size, status=EXTRACTED, extracted_path=target,
+                            extracted_size=result.size, extracted_sha256=result.out_sha256, source_path=source)
+        emit(run, 10, "extracted", rec, operation="extract", bytes=result.size,
+             duration_ms=round((time.monotonic() - started) * 1000, 1))
+    if due:
+        ledger.flush()
+
+
+def finish_source(run, rec):
+    """A processed record whose source a crash left in incoming/: file it now if it is that file;
+    True when it was (else it is another file under that name, to take as a drop)."""
+    src = incoming_path(run.settings.data_root, rec)
+    try:
+        same = codecs.sha256_of(src) == rec.sha256
+    except FileNotFoundError:
+        return True
+    if same:
+        move_source(rec, rec.source_path, run.settings.data_root)
+        emit(run, 20, "source filed (the run that processed it stopped first)", rec, operation="place")
+    return same

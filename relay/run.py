@@ -1,0 +1,207 @@
+"""One run's context and its thread and process machinery: the lock, the start-up sweep, the worker
+pool, the SSH connections and their children, and the stop on Ctrl-C / SIGTERM.
+
+A Run is made when dodo.py is imported and does nothing until the first task action calls `start`:
+`doit list`, `info`, `forget` and `help` never take the lock, contact a server or write a file."""
+
+import atexit
+import concurrent.futures
+import fcntl
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+
+from . import durable, logs
+from .errors import LockHeld, RunInterrupted, StateWriteError
+from .layout import Layout
+from .ledger import Ledger
+from .remote import Children, Connection
+from .store import Store
+
+# Free space a run wants on STATE_DIR's filesystem before it starts: its database and doit's.
+STATE_MIN_FREE = 16 * 2**20
+# On Ctrl-C or SIGTERM, how long the files being worked on get to finish before the process ends.
+STOP_GRACE = 3.0
+
+
+class Run:
+    """Everything one invocation shares; started by the first task action."""
+
+    def __init__(self, settings, environ=None, take_drops=None):
+        self.settings = settings
+        self.environ = environ
+        self.take_drops = settings.process_incoming if take_drops is None else take_drops
+        self.layout = Layout(settings)
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.plans = {}  # server -> Plan, made by its list task
+        self.problems = {}  # server -> messages that make its run fail (listing, transfers left due)
+        self.stopping = threading.Event()
+        self.log = logs.get()
+        self._start_lock = threading.Lock()
+        self._lock_fd = None
+        self.started_at = None
+        self.store = self.ledger = self.pool = self.children = None
+        self.connections = {}
+        self._server_slots = {}
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self):
+        """Take the lock, open the log and the store, make the tree and sweep; once per run."""
+        with self._start_lock:
+            if self.started_at is not None:
+                return self
+            if self.stopping.is_set():
+                raise RunInterrupted("the run was stopped before it started")
+            settings = self.settings
+            self._acquire_lock()
+            check_state_space(settings.state_dir)
+            logs.setup(settings.log_dir, settings.log_format, settings.log_level)
+            self.store = Store(settings.state_dir)
+            imported = self.store.import_legacy(settings.state_dir)
+            if imported:
+                self.log.info(f"imported {imported} record(s) from {settings.state_dir}/records/ into the "
+                              "state database (that directory is no longer read)", extra={"operation": "state"})
+            self.ledger = Ledger(self.store, self.run_id, settings.data_root, settings.delete_source)
+            self.layout.make_tree(s.name for s in settings.enabled_servers)
+            self.children = Children()
+            self.connections = {s.name: Connection(settings, s, self.environ, children=self.children)
+                                for s in settings.servers}
+            self._server_slots = {s.name: threading.BoundedSemaphore(settings.max_per_server)
+                                  for s in settings.servers}
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_workers,
+                                                              thread_name_prefix="extract")
+            sweep(self)
+            self.started_at = time.monotonic()
+            atexit.register(self.close)  # doit ends the process after its last task: flush, sync, unlock
+            return self
+
+    def _acquire_lock(self):
+        path = os.path.join(self.settings.state_dir, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockHeld(f"another logpipe-relay run holds {path} ({holder}); this run changed nothing. "
+                           "Wait for it to finish, or check that it is still alive") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def slot(self, server):
+        """The per-server cap on files worked on at once."""
+        return self._server_slots[server]
+
+    def elapsed_ms(self):
+        """Milliseconds since the run started."""
+        return round((time.monotonic() - (self.started_at or time.monotonic())) * 1000, 1)
+
+    def check_stop(self):
+        """Raise RunInterrupted once a stop was asked for."""
+        if self.stopping.is_set():
+            raise RunInterrupted("stopped by a signal")
+
+    # --- end -----------------------------------------------------------------------------------
+
+    def close(self):
+        """Flush what finished, sync the data tree, release the lock (the end of a run, or a test's)."""
+        if self.started_at is None or self.store is None:
+            return
+        try:
+            self.ledger.flush()
+            durable.syncfs(self.settings.data_root)  # the last sources moved after the last commit
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.store.close()
+            self.store = None
+            self.release_lock()
+            getattr(logs, "shutdown", lambda: None)()
+
+    def release_lock(self):
+        """Let another run start."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def interrupt(self, signum):
+        """Stop on Ctrl-C or SIGTERM: end the children, record what finished, exit 128+signum."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.started_at is None:
+            os._exit(128 + signum)  # nothing begun, nothing to record
+        self.children.stop()
+        threading.Thread(target=self._finish_stop, args=(signum,), name="stop", daemon=True).start()
+
+    def _finish_stop(self, signum):
+        deadline = time.monotonic() + STOP_GRACE
+        self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
+        try:
+            self.ledger.flush()
+            self.log.warning(f"stopped by signal {signum}; what finished is recorded, the rest is done by the "
+                             "next run", extra={"operation": "summary"})
+        except Exception as exc:  # noqa: BLE001 - the process ends either way; the next run redoes it
+            self.log.error(f"stopped by signal {signum}; could not record the last batch: {exc}",
+                           extra={"operation": "state", "error": str(exc)})
+        finally:
+            self.release_lock()
+            getattr(logs, "shutdown", lambda: None)()
+            os._exit(128 + signum)
+
+
+def install_signals(run):
+    """Route SIGINT and SIGTERM to `run.interrupt` (from the main thread, where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: run.interrupt(number))
+
+
+def check_state_space(state_dir, minimum=STATE_MIN_FREE):
+    """Refuse to start a run that could not record its work: too little space for STATE_DIR."""
+    st = os.statvfs(state_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < minimum:
+        raise StateWriteError(f"{state_dir}: only {free // 1024} KiB free; a run needs at least "
+                              f"{minimum // 2**20} MiB there for its state and doit's database. "
+                              "Free some space on that filesystem, then rerun; this run changed nothing")
+
+
+def _ignore_vanished(_function, _path, exc_info):
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+def sweep(run):
+    """Remove what a killed run left: rsync landing directories, extraction and publication temps.
+
+    Files may vanish under us (a killed run's rsync still writing, until its death signal lands)."""
+    settings = run.settings
+    removed = 0
+    fetch_root = os.path.join(settings.tmp_dir, "fetch")
+    for dirpath, dirnames, files in os.walk(fetch_root):
+        if dirpath != fetch_root:  # TMP_DIR/fetch/<server>/batch-*: all of it
+            for name in dirnames:
+                shutil.rmtree(os.path.join(dirpath, name), onerror=_ignore_vanished)
+            removed += len(dirnames) + sum(_unlink(os.path.join(dirpath, f)) for f in files)
+            dirnames[:] = []
+    for root, stale in ((os.path.join(settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
+                        (os.path.join(settings.data_root, "error"), lambda n: n.startswith(".tmp-"))):
+        for dirpath, _, files in os.walk(root):
+            removed += sum(_unlink(os.path.join(dirpath, f)) for f in files if stale(f))
+    if removed:
+        run.log.info(f"swept {removed} temp file(s) or landing directories left by an interrupted run",
+                     extra={"operation": "sweep"})
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+        return 1
+    except FileNotFoundError:
+        return 0
