@@ -11,9 +11,9 @@ import msgspec
 import sh
 
 from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable
-from .sshargs import (check_master_argv, control_dir, exit_master_argv, glob_escape,  # noqa: F401
-                      listing_script, master_argv, refuses_trust_sender, rsync_argv, split_glob,
-                      ssh_options, with_password)
+from .sshargs import (check_master_argv, control_dir, control_socket, exit_master_argv,  # noqa: F401
+                      glob_escape, listing_script, master_argv, refuses_trust_sender, rsync_argv,
+                      split_glob, ssh_options, with_password)
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -180,6 +180,7 @@ class Connection:
         self.server = server
         self.environ = environ  # where the password is read (None: this process's environment)
         self.sockets = control_dir(settings.state_dir)
+        self.socket = control_socket(settings, server, self.sockets)
         self._lock = threading.Lock()
         self._open = False
 
@@ -192,7 +193,7 @@ class Connection:
                           deadline=self.settings.ssh_connect_timeout + 5, secret=False)
         if code != 0:
             try:
-                os.unlink(os.path.join(self.sockets, self.server.name))  # a dead master's socket
+                os.unlink(self.socket)  # a dead master's socket
             except FileNotFoundError:
                 pass
         return code == 0

@@ -1,6 +1,7 @@
 """Pure argument lists and remote scripts for ssh and rsync (no I/O): what remote.py runs."""
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -16,6 +17,26 @@ def control_dir(state_dir):
     return os.path.join(tempfile.gettempdir(), f"logpipe-relay-{os.getuid()}-{digest}")
 
 
+def identity_file(settings, server):
+    """The key file this server is reached with: its own, else SSH_IDENTITY_FILE (None: ssh's default)."""
+    return server.identity_file or settings.ssh_identity_file
+
+
+def control_socket(settings, server, sockets):
+    """The ControlMaster socket of exactly this connection, in `sockets`.
+
+    Named after a hash of everything that decides who connects where and how: a master is reused
+    for SSH_CONTROL_PERSIST seconds and ssh then ignores the options of the command, so a changed
+    user, key, known_hosts file, port, host, auth mode or host-key policy must get a master of its
+    own (named by the server name alone, it silently went on using the old one). The server name is
+    in it too, so that close() of one server never ends another's master. 16 hex digits keep the
+    path well under the 108 bytes of a unix socket (control_dir is at most 50, ssh adds 17)."""
+    fields = [server.name, server.host, server.port, server.user, identity_file(settings, server),
+              settings.ssh_known_hosts, server.auth, server.password_env,
+              settings.ssh_strict_host_key_checking]
+    return f"{sockets}/{hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]}"
+
+
 def ssh_options(settings, server, sockets):
     """ssh `-o` options: host keys checked, timeouts, keepalives and a shared connection."""
     opts = [
@@ -25,12 +46,12 @@ def ssh_options(settings, server, sockets):
         "-o", f"ConnectTimeout={settings.ssh_connect_timeout}",
         "-o", f"ServerAliveInterval={settings.ssh_server_alive_interval}",
         "-o", f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
-        "-o", f"ControlPath={sockets}/{server.name}",
+        "-o", f"ControlPath={control_socket(settings, server, sockets)}",
         "-o", "LogLevel=ERROR",
         "-p", str(server.port),
         "-l", server.user,
     ]
-    identity = server.identity_file or settings.ssh_identity_file
+    identity = identity_file(settings, server)
     if identity:
         opts += ["-i", identity, "-o", "IdentitiesOnly=yes"]
     if server.auth == "password":
