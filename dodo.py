@@ -9,9 +9,9 @@ KNOWN = tasks.Known(RUN)
 DOIT_CONFIG = tasks.doit_config(RUN)
 
 
-def task_list():
+def task_plan():
     """List a server (one SSH round trip) and plan its work."""
-    yield from tasks.list_tasks(RUN)
+    yield from tasks.plan_tasks(RUN)
 
 
 def task_fetch():

@@ -29,7 +29,7 @@ def _guarded(fn):
 
 @_guarded
 def list_action(run, server):
-    """`list:<server>`: list the server and plan its work."""
+    """`plan:<server>`: list the server and plan its work."""
     engine.list_server(run, server)
     return True
 

@@ -67,7 +67,7 @@ def _listing(run, server):
 
 
 def list_server(run, server_name):
-    """doit action of `list:<server>`: list the server, plan its work and record the plan."""
+    """doit action of `plan:<server>`: list the server, plan its work and record the plan."""
     run.start()
     server = run.settings.server(server_name)
     entries = _listing(run, server)

@@ -15,10 +15,12 @@ import time
 import uuid
 
 from . import durable, logs
-from .errors import LockHeld, RunInterrupted, StateWriteError
+from . import errors
+from .errors import LockHeld, StateWriteError
 from .layout import Layout
 from .ledger import Ledger
-from .remote import Children, Connection
+from . import remote
+from .remote import Connection
 from .store import Store
 
 # Free space a run wants on STATE_DIR's filesystem before it starts: its database and doit's.
@@ -55,7 +57,7 @@ class Run:
             if self.started_at is not None:
                 return self
             if self.stopping.is_set():
-                raise RunInterrupted("the run was stopped before it started")
+                raise errors.RunInterrupted("the run was stopped before it started")
             settings = self.settings
             self._acquire_lock()
             check_state_space(settings.state_dir)
@@ -67,7 +69,7 @@ class Run:
                               "state database (that directory is no longer read)", extra={"operation": "state"})
             self.ledger = Ledger(self.store, self.run_id, settings.data_root, settings.delete_source)
             self.layout.make_tree(s.name for s in settings.enabled_servers)
-            self.children = Children()
+            self.children = remote.Children()
             self.connections = {s.name: Connection(settings, s, self.environ, children=self.children)
                                 for s in settings.servers}
             self._server_slots = {s.name: threading.BoundedSemaphore(settings.max_per_server)
@@ -104,7 +106,7 @@ class Run:
     def check_stop(self):
         """Raise RunInterrupted once a stop was asked for."""
         if self.stopping.is_set():
-            raise RunInterrupted("stopped by a signal")
+            raise errors.RunInterrupted("stopped by a signal")
 
     # --- end -----------------------------------------------------------------------------------
 

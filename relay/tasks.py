@@ -44,8 +44,10 @@ def build(config_dir=None):
 
 
 def doit_config(run):
-    """DOIT_CONFIG for this configuration."""
+    """DOIT_CONFIG for this configuration (doit opens its own database in STATE_DIR for every command,
+    so that directory is made if missing: the one thing loading creates)."""
     settings = run.settings
+    os.makedirs(settings.state_dir, exist_ok=True)
     servers = len(settings.enabled_servers)
     threads = 1 if settings.max_per_server == 1 and settings.max_workers == 1 else min(MAX_SERVERS_AT_ONCE, servers)
     return {
@@ -83,8 +85,8 @@ def _labelled(records):
             for r in sorted(records, key=lambda r: r.key)]
 
 
-def list_tasks(run):
-    """`list:<server>`: one SSH round trip listing the server, and the plan of its work."""
+def plan_tasks(run):
+    """`plan:<server>`: one SSH round trip listing the server, and the plan of its work."""
     for server in run.settings.enabled_servers:
         yield {"name": server.name, "actions": [(actions.list_action, [run, server.name])], "uptodate": [False],
                "io": NO_CAPTURE, "doc": f"list {server.name} and plan its work"}
@@ -94,7 +96,7 @@ def fetch_tasks(run):
     """`fetch:<server>`: renames recognised on the server, then one batched rsync of the due files."""
     for server in run.settings.enabled_servers:
         yield {"name": server.name, "actions": [(actions.fetch_action, [run, server.name])],
-               "task_dep": [f"list:{server.name}"], "uptodate": [False], "io": NO_CAPTURE,
+               "task_dep": [f"plan:{server.name}"], "uptodate": [False], "io": NO_CAPTURE,
                "doc": f"fetch the files due on {server.name}"}
 
 

@@ -33,17 +33,6 @@ def test_run_with_config_dir_variable_and_sequential(env, tmp_path):
     assert (env.data / "extracted" / "srv3" / "c").read_bytes() == data("c")
 
 
-def test_sequential_means_one_file_and_one_server_at_a_time(env):
-    from relay import stages, tasks
-    rt = tasks.load(str(env.conf), environ=env.environ(), sequential=True)
-    try:
-        assert rt.settings.max_workers == 1 and rt.settings.max_per_server == 1
-        assert rt.workers.count == 1
-    finally:
-        tasks.release_lock()
-        stages.RUNTIME = None
-
-
 def test_collect_one_file(env):
     """bin/collect SERVER FILE  ==  doit run fetch:SERVER --only FILE"""
     put(env, "srv1", "one.gz", "1")

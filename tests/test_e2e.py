@@ -55,26 +55,6 @@ def test_full_run_extracts_everything_byte_identical_and_records_state(env):
     assert summaries["srv1"]["level"] == "INFO"
 
 
-def test_small_files_go_through_the_helper_process_which_is_gone_after_the_run(env):
-    env.configure(env={"LOG_LEVEL": "DEBUG"})
-    for n in range(6):
-        put(env, "srv1", f"s{n}.gz", logs(f"s{n}"))
-    env.doit("run", check=0)
-    lines = [json.loads(line) for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()]
-    [started] = [d["message"] for d in lines if d["message"].startswith("inflate helper started")]
-    pid = int(started.rsplit(" ", 1)[1].rstrip(")"))
-    assert not os.path.exists(f"/proc/{pid}")  # reaped with the run
-    assert not any("extracted in-process from now on" in d["message"] for d in lines)
-    for n in range(6):
-        assert (env.data / "extracted" / "srv1" / f"s{n}").read_bytes() == logs(f"s{n}")
-    env.configure(env={"LOG_LEVEL": "DEBUG"}, pipeline={"max_workers": 1})
-    put(env, "srv1", "t.gz", logs("t"))
-    env.doit("run", check=0)  # one worker: no helper, the lane works alone
-    lines = (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()
-    assert sum("inflate helper started" in line for line in lines) == 1
-    assert (env.data / "extracted" / "srv1" / "t").read_bytes() == logs("t")
-
-
 def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
     put(env, "srv1", "a.gz", logs("a"))
     env.doit("run", check=0)
@@ -236,37 +216,6 @@ def test_files_parked_by_a_whole_server_run_are_retried_one_by_one_after_forget(
     assert (env.data / "extracted" / "srv1" / "one").read_bytes() == logs("one")
     after = {r["local_name"]: (r["status"], r["attempts"].get("fetch")) for r in env.records("srv1")}
     assert after == {"one.gz": ("processed", 2), "two.gz": ("error", 1)}  # fetched again; left alone
-
-
-def test_a_whole_server_run_gives_doit_tasks_only_to_files_it_parked_or_that_are_named(env):
-    """In-process. Thousands of doit tasks for files a run finishes would cost more than the work: in a
-    run of whole servers the task list is made once their work is done, with a task for each file
-    parked in this run (doit must remember it until `doit forget`) and each file the command line
-    names, and none for the others. `doit list` still shows every due file."""
-    from relay import helpers, stages, tasks
-    for name in ("good.gz", "named.gz"):
-        put(env, "srv1", name, logs(name))
-    (env.remote("srv1") / "bad.gz").write_bytes(b"not gzip")
-    os.utime(env.remote("srv1") / "bad.gz", (1_700_000_000, 1_700_000_000))
-
-    def task_names(argv):
-        rt = tasks.load(str(env.conf), environ=env.environ(), argv=argv)
-        try:
-            return sorted(t["name"] for t in tasks.extract_tasks(rt.plans))
-        finally:
-            helpers.stop()
-            for conn in rt.connections.values():
-                conn.close()
-            tasks.release_lock()
-            stages.RUNTIME = None
-
-    assert task_names(["list", "--all"]) == ["srv1", "srv1/bad.gz", "srv1/good.gz", "srv1/named.gz",
-                                             "srv2", "srv3"]
-    assert task_names(["run", "extract", "extract:srv1/named.gz"]) == ["srv1", "srv1/bad.gz", "srv1/named.gz",
-                                                                       "srv2", "srv3"]
-    # The list was made after the work: good.gz is done (its record reaches disk with the group's flush).
-    assert (env.data / "extracted" / "srv1" / "good").read_bytes() == logs("good.gz")
-    assert (env.data / "error" / "quarantine" / "srv1" / "bad.gz").exists()
 
 
 def test_file_matched_by_two_patterns_is_processed_once(env):

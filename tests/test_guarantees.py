@@ -13,7 +13,10 @@ import time
 import pytest
 
 from relay import sandbox as sb
-from relay import stages, state, tasks
+from relay import actions, engine
+from relay.records import COPIED, PROCESSED, SUPERSEDED, Record
+from relay.run import Run
+from relay.store import Store
 from relay.config import load_settings
 from relay.errors import StateWriteError
 
@@ -56,19 +59,20 @@ def test_kill_9_at_each_stage_then_next_run_converges(env, point):
     assert_converged(env, expected)
 
 
-def test_torn_records_file_is_set_aside_and_its_files_done_again_once(env):
+def test_a_corrupt_state_database_is_one_clear_error_never_a_silent_reset(env):
     expected = seed_files(env)
     env.doit("run", check=0)
-    [batch] = [p for p in (env.state / "records" / "srv1").iterdir() if state.is_batch(p.name)]
-    torn = batch.read_bytes()[: batch.stat().st_size // 2]  # as a power loss may leave it
-    batch.write_bytes(torn)
-    for index in (env.state / "index").iterdir():
-        index.unlink()
-    proc = env.doit("run")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "state records file could not be read" in proc.stderr
-    [aside] = (env.state / "records" / "srv1" / "damaged").iterdir()
-    assert aside.name.startswith(batch.name) and aside.read_bytes() == torn
+    database = env.state / "state.db"
+    damaged = b"garbage" * 4096
+    database.write_bytes(damaged)
+    for command in ("run", "list"):
+        proc = env.doit(command)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert f"{database}: not a readable logpipe-relay state database" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert database.read_bytes() == damaged  # not reset, not rewritten
+    database.unlink()  # what the message says to do (after a look at it)
+    env.doit("run", check=0)
     assert_converged(env, expected)
 
 
@@ -88,19 +92,16 @@ def test_state_disk_full_at_the_flush_is_a_clear_error_and_leaves_no_temp(env, t
         env.configure(env={"STATE_DIR": str(tiny / "state")})
         settings = load_settings(str(env.conf), environ=env.environ())
         os.makedirs(settings.state_dir)
-        os.makedirs(settings.data_root)
-        rt = stages.Runtime(settings)
-        rt.store.load_server("srv1")
-        for i in range(200):  # about 2 KB each: more than the filesystem holds
-            rt.defer(state.Record(key=f"{i:032x}", server="srv1", origin="remote", remote_path="/l/" + "x" * 2000),
-                     status=state.PROCESSED)
+        store = Store(settings.state_dir)
+        records = [Record(key=f"{i:032x}", server="srv1", origin="remote", remote_path="/l/" + "x" * 2000,
+                          status=PROCESSED) for i in range(200)]  # about 4 KB each: more than the filesystem holds
         with pytest.raises(StateWriteError) as failure:
-            rt.flush()
+            store.commit(records)
         message = str(failure.value)
-        assert message.startswith(f"{settings.state_dir}: could not write the state records of 200 file(s)")
-        assert "No space left" in message and "the next run does those files again" in message
-        assert not [p for p in (tiny / "state").rglob("*") if p.name.startswith(".tmp-")]
-        assert state.read_records(settings.state_dir, "srv1") == {}
+        assert message.startswith(f"{settings.state_dir}/state.db: could not record 200 file(s)")
+        assert "the next run does those files again" in message
+        assert store.all_records("srv1") == []  # one transaction: all or nothing
+        store.close()
 
 
 def test_real_disk_full_while_extracting_parks_the_file_and_leaves_no_partial(env, tmp_path):
@@ -195,52 +196,54 @@ def test_file_appended_during_runs_is_never_extracted_half(env):
     assert (env.data / "extracted" / "srv1" / "growing.log").read_bytes() == b"".join(members)
 
 
+def in_process_run(env):
+    """A Run of the test's configuration in this process, as doit's actions see it."""
+    settings = load_settings(str(env.conf), environ=env.environ())
+    return Run(settings, environ=env.environ()).start()
+
+
 def test_file_changed_between_listing_and_fetch_is_left_for_later(env):
     """In-process: the fetched copy's size differs from the listing, so verify defers it."""
     data = sb.log_lines(random.Random(3), 200)
     sb.write_gz(str(env.remote("srv1") / "moving.gz"), data)
-    rt = tasks.load(str(env.conf), environ=env.environ())
+    run = in_process_run(env)
     try:
-        assert rt.listing_errors == {}  # srv2's password too is read from the environ given
-        [work] = rt.plans["srv1"].due
+        [rec] = engine.list_server(run, "srv1").due
         with open(env.remote("srv1") / "moving.gz", "ab") as fh:  # appended after the listing
             fh.write(gzip.compress(b"more\n"))
-        stages.fetch_server("srv1")
-        assert rt.record("srv1", work.key).status == state.COPIED
-        stages.process_file("srv1", work.key)
-        rec = rt.record("srv1", work.key)
-        assert rec.status == state.PENDING and "extract" not in rec.attempts
+        engine.fetch_server(run, "srv1")
+        assert rec.status == COPIED
+        actions.extract_action(run, "srv1")
+        assert rec.status == SUPERSEDED and "extract" in rec.attempts
         assert not (env.data / "incoming" / "srv1" / "moving.gz").exists()
         assert not (env.data / "extracted" / "srv1" / "moving").exists()
+        [new] = engine.list_server(run, "srv1").due  # the next listing: the new version, due
+        assert new.key != rec.key and new.size == os.path.getsize(env.remote("srv1") / "moving.gz")
     finally:
-        for conn in rt.connections.values():
-            conn.close()
-        tasks.release_lock()
+        run.close()
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "moving").read_bytes() == data + b"more\n"
 
 
-def test_file_that_became_a_directory_before_the_fetch_is_parked_not_taken(env):
+def test_file_that_became_a_directory_before_the_fetch_is_not_taken(env):
     """In-process: listed as a file, a directory by the time rsync asks for it."""
     sb.write_gz(str(env.remote("srv1") / "turned.gz"), b"x\n")
     sb.write_gz(str(env.remote("srv1") / "fine.gz"), b"fine\n")
-    rt = tasks.load(str(env.conf), environ=env.environ())
+    run = in_process_run(env)
     try:
-        keys = {w.record.local_name: w.key for w in rt.plans["srv1"].due}
+        recs = {r.local_name: r for r in engine.list_server(run, "srv1").due}
         os.unlink(env.remote("srv1") / "turned.gz")
         os.mkdir(env.remote("srv1") / "turned.gz")
         (env.remote("srv1") / "turned.gz" / "inner").write_bytes(b"not a log")
         os.chmod(env.remote("srv1") / "turned.gz", 0o755)
-        stages.fetch_server("srv1")
-        rec = rt.record("srv1", keys["turned.gz"])
-        assert (rec.status, rec.error_kind) == (state.ERROR, "copy")
-        assert "no longer a regular file" in rec.last_error
+        engine.fetch_server(run, "srv1")
+        assert recs["turned.gz"].status == SUPERSEDED  # no file of that name to take any more
         assert not (env.data / "incoming" / "srv1" / "turned.gz").exists()
-        assert rt.record("srv1", keys["fine.gz"]).status == state.COPIED
+        assert recs["fine.gz"].status == COPIED
         assert (env.data / "incoming" / "srv1" / "fine.gz").is_file()
         assert list((env.work / "tmp" / "fetch" / "srv1").iterdir()) == []
     finally:
-        for conn in rt.connections.values():
-            conn.close()
-        tasks.release_lock()
+        run.close()
 
 
 def test_dead_peer_during_transfer_is_caught_and_parked(env):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import codecs, planning, remote, retry, stages, state
+from relay import codecs, fetching, remote, retry
 from relay.config import Server, Settings
 from relay.errors import (ArchiveError, AuthFailed, CorruptArchive, HostKeyMismatch, RemoteFileMissing,
                           RemoteUnreachable)
@@ -57,7 +57,7 @@ def test_rsync_flags_are_hardened():
 
 def test_rsync_trusts_the_sender_unless_the_local_rsync_lacks_the_option(monkeypatch):
     # rsync's own check of the sender's names is quadratic in their number; the batch's private
-    # landing directory and relay.stages' taking only the names asked for stand in for it.
+    # landing directory and relay.fetching's taking only the names asked for stand in for it.
     assert remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/x", "/s")[1] == "--trust-sender"
     assert "--trust-sender" not in remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/x", "/s", trust_sender=False)
     old = "rsync: --trust-sender: unknown option\nrsync error: syntax or usage error (code 1) at main.c(1795)\n"
@@ -97,7 +97,7 @@ def test_command_output_is_read_whole_or_line_by_line_across_reads():
     os.close(read_end)
 
 
-def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_path):
+def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_path, monkeypatch):
     staging = tmp_path / "batch-x"
     staging.mkdir()
     (staging / "asked.gz").write_bytes(b"1")  # asked for but not taken (the batch failed)
@@ -106,8 +106,9 @@ def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_pat
     (staging / "sub").mkdir()
     (staging / "sub" / "deeper.gz").write_bytes(b"4")
     said = []
-    rt = types.SimpleNamespace(emit=lambda level, message, rec, **fields: said.append((level, message, fields)))
-    stages._clear_staging(rt, "srv1", str(staging), {"asked.gz"})
+    monkeypatch.setattr(fetching.logs, "note", lambda logger, level, message, fields: said.append(
+        (level, message, fields)))
+    fetching._clear_staging(types.SimpleNamespace(log=None), "srv1", str(staging), {"asked.gz"})
     assert not staging.exists()
     assert said == [(logging.WARNING, "the server sent 2 file(s) that were not asked for (extra.gz, sub); "
                      "removed, not processed", {"server": "srv1", "operation": "fetch"})]
@@ -328,98 +329,8 @@ def test_format_by_magic_not_suffix(tmp_path):
     assert codecs.output_name("app.log", "gzip") == "app.log.out"
 
 
-# --- planning ---------------------------------------------------------------------------------
-
 def entry(path, size=10, mtime="1000.5", kind="f"):
     return remote.Entry(kind, size, mtime, path)
-
-
-def test_plan_new_done_changed_young_parked():
-    now = 10_000.0
-    done = state.Record(key=state.record_key("s", "remote", "/l/done.gz"), server="s", origin="remote",
-                        remote_path="/l/done.gz", local_name="done.gz", size=10, mtime="1000.5",
-                        status=state.PROCESSED, sha256="ab" * 32)
-    changed = state.Record(key=state.record_key("s", "remote", "/l/chg.gz"), server="s", origin="remote",
-                           remote_path="/l/chg.gz", local_name="chg.gz", size=10, mtime="1000.5",
-                           status=state.PROCESSED, sha256="cd" * 32)
-    parked = state.Record(key=state.record_key("s", "remote", "/l/bad.gz"), server="s", origin="remote",
-                          remote_path="/l/bad.gz", local_name="bad.gz", size=10, mtime="1000.5",
-                          status=state.ERROR, error_kind="quarantine")
-    records = {r.key: r for r in (done, changed, parked)}
-    entries = [entry("/l/done.gz"), entry("/l/chg.gz", size=20), entry("/l/bad.gz"), entry("/l/new.gz"),
-               entry("/l/young.gz", mtime="9990.0"), entry("/l/link.gz", kind="l")]
-    plan = planning.plan_server("s", records, entries, None, now, min_age=60)
-    assert plan.done == 1
-    due = {w.record.local_name: w for w in plan.due}
-    assert set(due) == {"chg.gz", "new.gz"}
-    assert due["chg.gz"].record.generation == 1 and due["chg.gz"].first == "fetch"
-    assert [r.local_name for r in plan.parked] == ["bad.gz"]
-    assert {s.reason for s in plan.skipped} == {"younger than min_file_age_seconds",
-                                                 "not a regular file (type l)"}
-
-
-def test_plan_incoming_drops_and_claimed_names():
-    fetched = state.Record(key=state.record_key("s", "remote", "/l/a.gz"), server="s", origin="remote",
-                           remote_path="/l/a.gz", local_name="a.gz", size=1, mtime="1.0", status=state.COPIED)
-    plan = planning.plan_server("s", {fetched.key: fetched}, [], [("a.gz", 1, "1.0"), ("drop.gz", 5, "1.0")],
-                                now=10_000, min_age=60)
-    due = {w.record.local_name: w for w in plan.due}
-    assert due["a.gz"].first == "verify" and due["a.gz"].record.origin == "remote"
-    assert due["drop.gz"].first == "verify" and due["drop.gz"].record.origin == "local"
-
-
-def test_plan_adopts_a_copy_already_fetched_into_incoming():
-    """A run stopped after rsync delivered a file: the next one goes on from verify, no second transfer."""
-    pending = state.Record(key=state.record_key("s", "remote", "/l/p.gz"), server="s", origin="remote",
-                           remote_path="/l/p.gz", local_name="p.gz", size=7, mtime="1000.5")
-    quarantined = state.Record(key=state.record_key("s", "remote", "/l/q.gz"), server="s", origin="remote",
-                               remote_path="/l/q.gz", local_name="q.gz", size=7, mtime="1000.5",
-                               source_path="/data/error/quarantine/s/q.gz")
-    records = {r.key: r for r in (pending, quarantined)}
-    entries = [entry(f"/l/{n}.gz", size=7) for n in "pqnm"]
-    landed = [("p.gz", 7, "1000.000000000"), ("q.gz", 7, "1000.0"), ("n.gz", 7, "1000.9"), ("m.gz", 8, "1000.5")]
-    plan = planning.plan_server("s", records, entries, landed, now=10_000, min_age=60, drops=False)
-    first = {w.record.local_name: (w.first, w.record.status) for w in plan.due}
-    assert first == {"p.gz": ("verify", state.COPIED), "n.gz": ("verify", state.COPIED),
-                     "q.gz": ("fetch", state.PENDING),  # the fetch supersedes its quarantined copy
-                     "m.gz": ("fetch", state.PENDING)}  # not the listed size: fetch it again
-    assert not [w for w in plan.due if w.record.origin == "local"]  # drops off: nothing else taken
-
-
-def test_plan_counts_a_file_matched_by_two_patterns_once():
-    plan = planning.plan_server("s", {}, [entry("/l/a.gz"), entry("/l/a.gz"), entry("/l/b.gz")], None,
-                                now=10_000, min_age=0)
-    assert sorted(w.record.local_name for w in plan.due) == ["a.gz", "b.gz"]
-
-
-def test_plan_same_basename_in_two_directories_gets_distinct_names():
-    plan = planning.plan_server("s", {}, [entry("/a/x.gz"), entry("/b/x.gz")], None, now=10_000, min_age=0)
-    names = sorted(w.record.local_name for w in plan.due)
-    assert names[0] == "x.gz" and names[1].startswith("x.gz~") and len(set(names)) == 2
-
-
-def test_versioned_names_and_labels():
-    assert planning.versioned("app.log.gz", 0, "ab" * 32) == "app.log.gz"
-    assert planning.versioned("app.log.gz", 2, "abcdef0123456789") == "app.log.abcdef012345.gz"
-    assert planning.label(os.fsdecode(b"caf\xe9.gz")) == "caf\\xe9.gz"
-    assert planning.label("new\nline") == "new\\x0aline"
-
-
-def test_awaited_servers_read_from_the_command_line():
-    from relay.tasks import awaited_servers
-    servers = ["srv1", "srv2"]
-    assert awaited_servers([], servers) == {"srv1", "srv2"}
-    assert awaited_servers(["run", "-n", "1", "incoming=no"], servers) == {"srv1", "srv2"}
-    assert awaited_servers(["run", "extract:srv1"], servers) == {"srv1"}
-    assert awaited_servers(["run", "extract"], servers) == {"srv1", "srv2"}
-    assert awaited_servers(["run", "extract:srv1/a.gz"], servers) == set()
-    assert awaited_servers(["run", "fetch:srv2", "--only", "x.gz"], servers) == set()
-    assert awaited_servers(["-f", "dodo.py", "run"], servers) == {"srv1", "srv2"}
-    assert awaited_servers(["config=/etc/relay", "extract:srv2"], servers) == {"srv2"}
-    # Commands that run nothing start nothing.
-    assert awaited_servers(["list", "--all"], servers) == set()
-    assert awaited_servers(["-f", "dodo.py", "forget", "-s", "recover:srv1"], servers) == set()
-    assert awaited_servers(["info", "extract:srv1"], servers) == set()
 
 
 def test_control_socket_directory_must_be_ours(tmp_path):
@@ -431,110 +342,6 @@ def test_control_socket_directory_must_be_ours(tmp_path):
         remote.private_dir(str(path))
 
 
-def test_lane_runs_jobs_in_order_and_hands_errors_to_the_waiter():
-    from relay.stages import Lane
-    lane, seen = Lane("test"), []
-    gate = __import__("threading").Event()
-    lane.submit("a", gate.wait)  # holds the lane until released: wait() must not return early
-    for i in range(3):
-        lane.submit("a", seen.append, i)
-    lane.submit("b", lambda: 1 / 0)
-    gate.set()
-    lane.wait("a")
-    assert seen == [0, 1, 2]
-    with pytest.raises(ZeroDivisionError):
-        lane.wait("b")
-
-
-def test_log_lines_go_out_in_batches_and_follow_logrotate(tmp_path):
-    from relay import logs
-    log = logs.setup(str(tmp_path / "a"))
-    path = tmp_path / "a" / "logpipe-relay.log"
-    for i in range(300):  # 256 make a batch; the rest wait for a warning or the end
-        log.info(f"line {i}", extra={"server": "s", "bytes": i})
-    assert len(path.read_text().splitlines()) == 256
-    log.warning("now")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [d["message"] for d in lines] == [f"line {i}" for i in range(300)] + ["now"]
-    assert lines[5]["bytes"] == 5 and lines[5]["server"] == "s" and lines[5]["timestamp"].endswith("Z")
-    path.rename(path.with_suffix(".log.1"))  # logrotate moves the file away
-    log.warning("after")
-    assert [json.loads(line)["message"] for line in path.read_text().splitlines()] == ["after"]
-    # A line below WARNING through logs.note joins the batch without a LogRecord, in the same format.
-    made = []
-    real_make = log.makeRecord
-    log.makeRecord = lambda *a, **k: made.append(a) or real_make(*a, **k)
-    logs.note(log, logging.INFO, "quick", {"server": "s", "file": "f.gz", "bytes": 7})
-    log.info("slow", extra={"server": "s", "file": "f.gz", "bytes": 7})
-    log.warning("flush")
-    quick, slow, _ = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-    assert len(made) == 2  # "slow" and "flush" only
-    assert {k: v for k, v in quick.items() if k not in ("timestamp", "message")} == \
-        {k: v for k, v in slow.items() if k not in ("timestamp", "message")} == \
-        {"level": "INFO", "logger": "logpipe_relay", "server": "s", "file": "f.gz", "bytes": 7}
-    del log.makeRecord
-    for handler in list(log.handlers):  # leave no handler on a deleted directory to later tests
-        log.removeHandler(handler)
-        handler.close()
-    log._relay_configured = None
-
-
-HELPER_SCRIPT = r"""
-import gzip, json, os, signal, sys, threading
-from relay import codecs, helpers
-from relay.errors import CorruptArchive, SourceChanged, SourceGone
-work = sys.argv[1]
-good, bad = os.path.join(work, "good.gz"), os.path.join(work, "bad.gz")
-with open(good, "wb") as fh:
-    fh.write(gzip.compress(b"line\n" * 5000))
-with open(bad, "wb") as fh:
-    fh.write(gzip.compress(b"line\n" * 5000)[:-20])
-keep = os.open(good, os.O_RDONLY)  # like the run's lock: the helper must not hold it
-helper = helpers.start()
-out = {}
-helper.send(good, os.path.join(work, "a.part"), max_bytes=1 << 30, min_free=0)
-helper.send(bad, os.path.join(work, "b.part"), max_bytes=1 << 30, min_free=0)
-helper.send(good, os.path.join(work, "f.part"), max_bytes=1 << 30, min_free=0, expect=[7, None])
-helper.send(good + ".nope", os.path.join(work, "g.part"), max_bytes=1 << 30, min_free=0)
-got, failed = helper.receive(), helper.receive()
-changed, gone = helper.receive(), helper.receive()
-size = os.path.getsize(good)
-out["moved"] = (isinstance(changed, SourceChanged) and changed.size == size and isinstance(gone, SourceGone)
-                and not os.path.exists(os.path.join(work, "f.part")))
-out["expected"] = helper.send(good, os.path.join(work, "h.part"), max_bytes=1 << 30, min_free=0,
-                              expect=[size, int(os.stat(good).st_mtime)]) or helper.receive() == got
-out.update({"fds": sorted(os.listdir(f"/proc/{helper.pid}/fd"), key=int), "keep": keep})  # it has served: set up
-out["same"] = got == codecs.inflate(good, os.path.join(work, "c.part"), max_bytes=1 << 30, min_free=0)
-out["bytes"] = open(os.path.join(work, "a.part"), "rb").read() == b"line\n" * 5000
-try:
-    codecs.inflate(bad, os.path.join(work, "d.part"), max_bytes=1 << 30, min_free=0)
-except CorruptArchive as exc:
-    out["corrupt"] = isinstance(failed, CorruptArchive) and str(failed) == str(exc)
-os.kill(helper.pid, signal.SIGKILL)
-try:
-    helper.send(good, os.path.join(work, "e.part"), max_bytes=1 << 30, min_free=0)
-    helper.receive()
-except helpers.HelperGone:
-    out["gone"] = True
-helpers.stop()
-out["reaped"] = not os.path.exists(f"/proc/{helper.pid}")
-threading.Thread(target=threading.Event().wait, daemon=True).start()
-out["no_fork_with_threads"] = helpers.start() is None
-print(json.dumps(out))
-"""
-
-
-def test_helper_process_inflates_like_in_process_and_holds_none_of_the_runs_files(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", HELPER_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          cwd=str(Path(__file__).resolve().parent.parent), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert str(out["keep"]) not in out["fds"] and len(out["fds"]) == 5  # stdio and its two pipe ends
-    assert out["same"] and out["bytes"] and out["corrupt"] and out["gone"] and out["reaped"]
-    assert out["no_fork_with_threads"]
-    assert out["moved"] and out["expected"]  # the source checks, made on the open file
-
-
 def test_rsync_names_are_decoded_back_to_their_bytes():
     assert remote.decode_rsync_name("access.log.1.gz\n") == "access.log.1.gz"
     assert remote.decode_rsync_name("latin1-\\#351.gz\n") == os.fsdecode(b"latin1-\xe9.gz")
@@ -542,27 +349,3 @@ def test_rsync_names_are_decoded_back_to_their_bytes():
     assert remote.decode_rsync_name("back\\slash.gz\n") == "back\\slash.gz"
 
 
-def test_arrivals_wake_the_waiter_of_a_file_and_never_block_on_others():
-    import threading
-    from relay.stages import Arrivals
-    arrivals, woke = Arrivals(), threading.Event()
-    arrivals.wait("never expected")  # returns at once
-    arrivals.expect(["a", "b"])
-    waiter = threading.Thread(target=lambda: (arrivals.wait("a"), woke.set()))
-    waiter.start()
-    arrivals.arrived("b")
-    arrivals.arrived("a")
-    waiter.join(timeout=10)
-    assert woke.is_set() and not waiter.is_alive()
-    arrivals.wait("b")  # arrived: returns at once
-
-
-def test_tokens_cap_concurrency_like_a_semaphore():
-    from relay.stages import Tokens
-    caps = Tokens(2)
-    assert caps.acquire() and caps.acquire(blocking=False)
-    assert caps.acquire(blocking=False) is False  # both taken
-    caps.release()
-    with caps:  # the freed one
-        assert caps.acquire(blocking=False) is False
-    assert caps.acquire(blocking=False) and caps.count == 2
