@@ -1,14 +1,17 @@
-"""Structured logging: JSON lines (or text) in LOG_DIR/logpipe-relay.log, warnings also on stderr."""
+"""Structured logging: JSON lines (or text) in LOG_DIR/logpipe-relay.log within a second, warnings also on stderr."""
 
+import atexit
+import collections
 import logging
 import logging.handlers
 import os
+import threading
 import time
 
 import msgspec
 
 LOGGER_NAME = "logpipe_relay"
-FIELDS = ("server", "file", "operation", "bytes", "duration_ms", "attempt", "error")
+FIELDS = ("server", "file", "operation", "bytes", "duration_ms", "attempt", "error", "delay_s")
 _encoder = msgspec.json.Encoder()
 
 
@@ -45,41 +48,104 @@ class TextFormatter(logging.Formatter):
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
-    """The log file, reopened if logrotate moved it; a batch of lines goes out in one write."""
+    """The log file, reopened if logrotate moved it, fed through a queue that a writer thread empties.
 
-    def emit_batch(self, records):
-        """Format `records` and append them with one rotation check and one write."""
-        if not records:
-            return
-        self.acquire()
-        try:
-            self.reopenIfNeeded()
-            if self.stream is None:
-                self.stream = self._open()
-            self.stream.write("".join(self.format(r) + self.terminator for r in records))
-            self.stream.flush()
-        except Exception:  # noqa: BLE001 - logging must never break the run (as Handler.emit does)
-            self.handleError(records[-1])
-        finally:
-            self.release()
+    A line is queued (no lock: a deque append is atomic); the writer writes what is queued at most
+    `linger` seconds after it woke for the first of those lines, in one write and one flush (a flush
+    a line costs more than a small file's own work). A warning, a full queue and `shutdown()` write
+    at once, in the calling thread. The writer starts with the first queued line, not in `setup`:
+    relay.helpers forks only while the process has a single thread."""
 
+    linger = 0.25  # seconds; well inside the promise that a line is in the file within one second
+    capacity = 256  # queued lines that the logging thread writes itself rather than hold on to
 
-class _Batches(logging.handlers.MemoryHandler):
-    """Holds lines until 256 are waiting, a warning comes, or the process ends; then one write."""
+    def __init__(self, filename):
+        super().__init__(filename, encoding="utf-8", errors="backslashreplace")
+        self._reset_queue()
+
+    def _reset_queue(self):
+        self._queue = collections.deque()
+        self._queued = threading.Event()  # lines wait for the writer
+        self._stopped = threading.Event()  # shutdown: no writer, every line is written when logged
+        self._writer = None
+
+    def _at_fork_reinit(self):
+        # logging calls this in a forked child: no writer thread came along, the queued lines are the parent's.
+        super()._at_fork_reinit()
+        self._reset_queue()
+
+    def handle(self, record):
+        """Queue `record` unless a filter drops it (without the handler lock that Handler.handle takes)."""
+        passed = self.filter(record)
+        if passed:
+            self.emit(passed if isinstance(passed, logging.LogRecord) else record)  # 3.12: a filter may replace it
+        return passed
+
+    def emit(self, record):
+        """Queue `record`; write the queue now if it is a warning, the queue is full or the writer is stopped."""
+        if record.args:  # formatted later: take the message now, its arguments may still change
+            record.msg, record.args = record.getMessage(), None
+        queue = self._queue
+        queue.append(record)
+        if record.levelno >= logging.WARNING or len(queue) >= self.capacity or self._stopped.is_set():
+            self.flush()
+        elif not self._queued.is_set():  # set() takes a lock and notifies: once for a batch, not a line
+            if self._writer is None:
+                self._start_writer()
+            self._queued.set()
+
+    def _start_writer(self):
+        with self.lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_behind, name="logpipe-relay log writer",
+                                                daemon=True)
+                self._writer.start()
+
+    def _write_behind(self):
+        stopped = self._stopped
+        while not stopped.is_set():
+            self._queued.wait()
+            stopped.wait(self.linger)  # the lines of the next moments join these: one write for all
+            self._queued.clear()
+            self.flush()
 
     def flush(self):
-        self.acquire()
-        try:
-            if self.target is not None and self.buffer:
-                self.target.emit_batch([r for r in self.buffer
-                                        if r.levelno >= self.target.level and self.target.filter(r)])
-                self.buffer.clear()
-        finally:
-            self.release()
+        """Write every queued line: one rotation check, one write and one flush for all of them."""
+        queue = self._queue
+        with self.lock:
+            if not queue:
+                return
+            batch = [queue.popleft() for _ in range(len(queue))]
+            try:
+                self.reopenIfNeeded()
+                if self.stream is None:
+                    self.stream = self._open()
+                    self._statstream()
+                self.stream.write("".join([self.format(r) + self.terminator for r in batch]))
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - logging must never break the run (as Handler.emit does)
+                self.handleError(batch[-1])
+            except BaseException:
+                # A signal handler raised (SIGTERM, Ctrl-C) in this thread: shutdown() writes them.
+                queue.extendleft(reversed(batch))
+                raise
+
+    def shutdown(self):
+        """Write what is queued now, and every later line as it is logged (the writer thread ends)."""
+        self._stopped.set()
+        self._queued.set()  # wakes the writer, which then ends
+        self.flush()
+
+    def close(self):
+        """Write what is queued, then close the file."""
+        self.shutdown()
+        super().close()
 
 
 class _Line:
     """What our formatters read of a LogRecord, made without the rest of one."""
+
+    args = None
 
     def __init__(self, levelno, message, fields):
         self.__dict__ = fields
@@ -92,13 +158,13 @@ class _Line:
 
 def note(logger, level, message, fields):
     """Log `message` with `fields` (a dict of FIELDS, taken over); lines below WARNING go straight to
-    the batch of a logger `setup` made, without a LogRecord and the handler chain (a run logs one
+    the queue of a logger `setup` made, without a LogRecord and the handler chain (a run logs one
     line a file: they cost more than a small file's own Python)."""
-    batches = getattr(logger, "_relay_batches", None)
-    if level >= logging.WARNING or batches not in logger.handlers:
+    log_file = getattr(logger, "_relay_file", None)
+    if level >= logging.WARNING or log_file not in logger.handlers:
         logger.log(level, message, extra=fields)
-    else:
-        batches.handle(_Line(level, message, fields))
+    elif logger.isEnabledFor(level):
+        log_file.handle(_Line(level, message, fields))
 
 
 def printable(text):
@@ -121,22 +187,28 @@ def setup(log_dir, log_format="json", level="INFO"):
         logger.removeHandler(handler)
         handler.close()
     os.makedirs(log_dir, exist_ok=True)
-    file_handler = _LogFile(os.path.join(log_dir, "logpipe-relay.log"), encoding="utf-8",
-                            errors="backslashreplace")
+    file_handler = _LogFile(os.path.join(log_dir, "logpipe-relay.log"))
     file_handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    # Lines are written in batches (a flush per line costs more than the work it describes);
-    # a warning or an error flushes at once, and so does the end of the process.
-    buffered = _Batches(capacity=256, flushLevel=logging.WARNING, target=file_handler)
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)
     console.setFormatter(TextFormatter())
-    logger.addHandler(buffered)
+    logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.setLevel(level)
     logger.propagate = False
     logger._relay_configured = (log_dir, log_format, level)
-    logger._relay_batches = buffered
+    logger._relay_file = file_handler
+    # A normal exit writes what is still queued; the engine calls shutdown() itself on SIGTERM.
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
     return logger
+
+
+def shutdown():
+    """Write every queued line to the log file now, and later lines as they are logged."""
+    for handler in list(get().handlers):
+        if isinstance(handler, _LogFile):
+            handler.shutdown()
 
 
 def get():
