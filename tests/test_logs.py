@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import logs
+from relay import logs, retry
 
 REPO = Path(__file__).resolve().parent.parent
 WRITER = "logpipe-relay log writer"
@@ -98,10 +98,12 @@ def test_a_burst_of_lines_costs_a_few_writes_not_one_a_line(log):
 
 def test_the_writer_thread_starts_with_the_first_line_and_ends_at_shutdown(tmp_path):
     # relay.helpers forks only while the process has one thread: setup must not start one.
+    before = set(threading.enumerate())  # writers of earlier tests' handlers may still be ending
     with opened(tmp_path) as (logger, path):
-        assert WRITER not in [t.name for t in threading.enumerate()]
+        assert set(threading.enumerate()) - before == set()
         logger.info("one")
-        writer = next(t for t in threading.enumerate() if t.name == WRITER)
+        (writer,) = set(threading.enumerate()) - before
+        assert writer.name == WRITER
         logs.shutdown()
         writer.join(timeout=5)
         assert not writer.is_alive()
@@ -111,7 +113,7 @@ def test_the_writer_thread_starts_with_the_first_line_and_ends_at_shutdown(tmp_p
 
 SIGTERM_SCRIPT = r"""
 import logging, os, signal, sys
-from relay import logs
+from relay import logs, retry
 log = logs.setup(sys.argv[1])
 log._relay_file.linger = 3600  # the writer would hold the last lines for an hour: only shutdown() writes them
 call_shutdown = sys.argv[2] == "yes"
@@ -184,3 +186,102 @@ def test_the_file_is_reopened_when_logrotate_moves_it(log):
     assert [d["message"] for d in wait_for(path, 1)] == ["new"]
     assert [d["message"] for d in lines_of(path.with_name("logpipe-relay.log.1"))] == ["old"]
 
+
+
+# --- retries: each one logged with its attempt and delay; a stop ends the wait ----------------------
+
+class Refused(Exception):
+    """A transient fault, for the retry tests."""
+
+
+def refused_then(result, failures):
+    """A function that raises Refused `failures` times, then returns `result`; `.calls` counts its calls."""
+    def fn():
+        fn.calls += 1
+        if fn.calls <= failures:
+            raise Refused(f"refused ({fn.calls})")
+        return result
+    fn.calls = 0
+    return fn
+
+
+def test_every_retry_is_logged_at_warning_with_its_attempt_and_delay(log):
+    _, path = log
+    slept, failed, retried = [], [], []
+    fn = refused_then("ok", 2)
+    assert retry.call_with_retry(
+        fn, attempts=3, base=2, cap=100, is_transient=lambda e: isinstance(e, Refused), rng=lambda: 0.5,
+        sleep=slept.append, on_failure=lambda exc, n: failed.append(n),
+        on_retry=lambda exc, n, delay: retried.append((str(exc), n, delay)),
+        fields={"server": "srv1", "operation": "fetch"}) == "ok"
+    assert slept == [1.0, 2.0]  # rng 0.5 of min(cap, base * 2 ** (n - 1))
+    assert failed == [1, 2] and retried == [("refused (1)", 1, 1.0), ("refused (2)", 2, 2.0)]
+    assert [(d["level"], d["message"], d["attempt"], d["delay_s"], d["server"], d["operation"], d["error"])
+            for d in lines_of(path)] == [
+        ("WARNING", "fetch attempt 1 of 3 failed: refused (1); retrying in 1.0 s", 1, 1.0, "srv1", "fetch",
+         "refused (1)"),
+        ("WARNING", "fetch attempt 2 of 3 failed: refused (2); retrying in 2.0 s", 2, 2.0, "srv1", "fetch",
+         "refused (2)")]
+
+
+def test_no_retry_line_when_there_is_no_retry(log):
+    logger, path = log
+    with pytest.raises(Refused):  # the last attempt: raised, not retried
+        retry.call_with_retry(refused_then("ok", 5), attempts=2, base=1, cap=1, rng=lambda: 1.0,
+                              is_transient=lambda e: True, sleep=lambda s: None)
+    fn = refused_then("ok", 1)
+    with pytest.raises(Refused):  # not transient: raised at once, no wait
+        retry.call_with_retry(fn, attempts=5, base=1, cap=1, is_transient=lambda e: False,
+                              sleep=pytest.fail)
+    assert fn.calls == 1
+    logger.warning("end")
+    assert [d["message"] for d in lines_of(path)] == [
+        "attempt 1 of 2 failed: refused (1); retrying in 1.0 s", "end"]
+
+
+class SetEvent:
+    """An Event already set: records the timeouts it was waited with."""
+
+    def __init__(self):
+        self.waited = []
+
+    def wait(self, timeout=None):
+        self.waited.append(timeout)
+        return True
+
+
+def test_an_interrupted_backoff_raises_the_last_error_or_the_one_given(log):
+    event, fn = SetEvent(), refused_then("ok", 3)
+    with pytest.raises(Refused, match=r"refused \(1\)"):
+        retry.call_with_retry(fn, attempts=5, base=60, cap=60, rng=lambda: 1.0, is_transient=lambda e: True,
+                              sleep=pytest.fail, interrupted=event)
+    assert event.waited == [60.0] and fn.calls == 1  # Event.wait(delay), never sleep; no second attempt
+    with pytest.raises(KeyboardInterrupt) as info:
+        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
+                              is_transient=lambda e: True, sleep=pytest.fail, interrupted=SetEvent(),
+                              interrupt_error=KeyboardInterrupt("stopped by SIGTERM"))
+    assert isinstance(info.value.__cause__, Refused)
+
+
+def test_a_stop_ends_a_60_second_backoff_within_5_seconds(log):
+    stop = threading.Event()
+    # The stop comes from another thread while the backoff waits, as a signal handler's would.
+    on_retry = lambda *_: threading.Timer(0.2, stop.set).start()  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(Refused):
+        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
+                              is_transient=lambda e: True, sleep=pytest.fail, on_retry=on_retry,
+                              interrupted=stop)
+    assert time.monotonic() - started < 5
+
+
+def test_a_stop_callable_is_looked_at_during_the_wait(log):
+    naps = []
+
+    def stopping():
+        return len(naps) >= 3
+
+    with pytest.raises(Refused):
+        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
+                              is_transient=lambda e: True, sleep=naps.append, interrupted=stopping)
+    assert len(naps) == 3 and all(0 < nap <= 0.5 for nap in naps)  # < 1 s between looks
