@@ -76,3 +76,7 @@ class CorruptArchive(RelayError):
     """The input is corrupt, truncated, of an unknown format or a decompression bomb."""
 
     kind = "corrupt"
+
+
+class RunInterrupted(RelayError):
+    """The run is stopping (Ctrl-C, SIGTERM): its ssh and rsync were ended and no new one starts."""

@@ -1,7 +1,10 @@
 """Everything that crosses SSH: listing, fetch, connection reuse; the only user of `sh` (argv: relay.sshargs)."""
 
+import contextlib
+import ctypes
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -10,7 +13,7 @@ import threading
 import msgspec
 import sh
 
-from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable
+from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable, RunInterrupted
 from .sshargs import (check_master_argv, control_dir, control_socket, exit_master_argv,  # noqa: F401
                       glob_escape, listing_script, master_argv, refuses_trust_sender, rsync_argv,
                       split_glob, ssh_options, with_password)
@@ -31,9 +34,6 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 # --- I/O helpers and parsing ---------------------------------------------------------------
-
-_RSYNC_TRUSTS_SENDER = True  # until the local rsync says it does not know --trust-sender
-
 
 def private_dir(path):
     """Create `path` as a 0700 directory of ours; refuse one someone else made (it may be in /tmp)."""
@@ -95,6 +95,113 @@ def classify(code, stderr, *, server="", tool="ssh"):
     return RemoteUnreachable(f"{where}: failed with status {code} ({detail})", server=server, code=code)
 
 
+# --- the run's children ----------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOP_GRACE = 2.0  # seconds from stop()'s signal to its SIGKILL of the groups still there
+_ANY_STATUS = list(range(-64, 256))  # every exit status and death by signal (negative): the caller judges
+
+
+def _libc_prctl():
+    """libc's prctl(2) as a ctypes function, or None where there is none."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _signal_group(pgid, sig):
+    """Send `sig` to process group `pgid`; False if there is no such group any more."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Children:
+    """The live process groups of one run's ssh and rsync: stop() ends them and refuses new ones.
+
+    Each command runs in a process group of its own, so a Ctrl-C at the terminal reaches only the
+    run, which must end them itself: here on a stop, by the kernel's parent-death signal when the run
+    is killed outright (`kill -9`)."""
+
+    def __init__(self, death_signal=signal.SIGTERM):
+        # Reentrant: stop() is called from a signal handler, maybe in a thread inside running().
+        self._cond = threading.Condition(threading.RLock())
+        self._groups = {}  # pgid -> ident of the thread waiting for that group
+        self._stopped = False
+        # TERM, not KILL: our direct child is coreutils timeout, which passes TERM on to its whole
+        # process group (rsync and its ssh) and sends KILL 5 s later; a KILLed timeout would orphan them.
+        self._death_signal = death_signal
+        # Resolved here, in the parent: a dlsym in the forked child could wait forever for the dynamic
+        # loader's lock, held at fork time by another thread (loading an extension module, say).
+        self._prctl = _libc_prctl()
+
+    @property
+    def stopped(self):
+        """Whether stop() was called."""
+        return self._stopped
+
+    def live(self):
+        """The process groups running now."""
+        with self._cond:
+            return sorted(self._groups)
+
+    def check(self):
+        """Raise RunInterrupted once the run is stopping."""
+        if self._stopped:
+            raise RunInterrupted("the run is stopping: its ssh and rsync were ended, no new one starts")
+
+    def preexec(self):
+        """The function sh runs in the forked child before exec: death_signal when the forking thread ends."""
+        prctl, sig, parent = self._prctl, self._death_signal, os.getpid()
+        if prctl is None:
+            return None
+
+        def in_child():  # between fork and exec: a call already resolved and a system call, no lock
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+            if os.getppid() != parent:  # the run died before prctl: no signal will ever come
+                os._exit(1)
+        return in_child
+
+    @contextlib.contextmanager
+    def running(self, pgid):
+        """Register process group `pgid` while the block waits for it; kill it if the block fails."""
+        with self._cond:
+            self._groups[pgid] = threading.get_ident()
+        try:
+            self.check()  # after registering: a stop() either saw the group or is seen here
+            yield
+        except BaseException:
+            _signal_group(pgid, signal.SIGKILL)
+            raise
+        finally:
+            with self._cond:
+                del self._groups[pgid]
+                self._cond.notify_all()
+
+    def stop(self, sig=signal.SIGTERM, grace=STOP_GRACE):
+        """Signal every live group, SIGKILL those left after `grace` s; every later command raises RunInterrupted."""
+        with self._cond:
+            self._stopped = True
+            groups = dict(self._groups)
+        for pgid in groups:
+            _signal_group(pgid, sig)
+        # A group the calling thread waits for cannot be seen to end while stop() runs in that thread
+        # (a signal handler): not waited for here; its timeout sends KILL 5 s after the signal.
+        me = threading.get_ident()
+        waited = {pgid for pgid, ident in groups.items() if ident != me}
+        with self._cond:
+            self._cond.wait_for(lambda: not waited & self._groups.keys(), timeout=grace)
+            left = waited & self._groups.keys()
+        for pgid in left:
+            _signal_group(pgid, signal.SIGKILL)
+
+
 # --- I/O ------------------------------------------------------------------------------------
 
 def _env_for(server, secret=True, environ=None):
@@ -112,45 +219,63 @@ def _env_for(server, secret=True, environ=None):
     return env
 
 
-def _run(server, argv, *, deadline, stdin=None, secret=True, on_line=None, environ=None):
+def _not_installed(tool, server):
+    return RemoteError(f"{tool} is not installed; install it (apt-get install -y "
+                       f"{'openssh-client' if tool == 'ssh' else tool})", server=server.name)
+
+
+def _too_slow(tool, server, deadline):
+    return RemoteUnreachable(f"{tool} to {server.name}: no answer within the {deadline}s deadline "
+                             "(SSH_DEADLINE); the peer may be dead", server=server.name)
+
+
+def _spawn(children, server, argv, **kwargs):
+    """Start `argv` with sh in the background, in a process group of its own that dies with this thread."""
+    children.check()
+    try:
+        return sh.Command(argv[0])(*argv[1:], _new_group=True, _preexec_fn=children.preexec(), _bg=True,
+                                   _ok_code=_ANY_STATUS, **kwargs)
+    except sh.CommandNotFound:
+        raise _not_installed(argv[0], server) from None
+
+
+def _run(server, argv, *, deadline, children, stdin=None, secret=True, on_line=None, environ=None):
     """Run argv in its own process group; return (code, stdout, stderr); kill the group at the deadline.
 
     The calling thread reads the child's stdout itself, whatever is there at each read: sh's reader
     thread costs about 40 ns a byte (0.2 s of CPU for the listing of 50,000 files) and, with a
     callback, a thread wake-up a line. With `on_line`, each stdout line is handed to it as it comes
-    instead of being collected."""
+    instead of being collected. The calling thread must live until this returns (it does: it waits),
+    as the child's parent-death signal follows the thread that forked, not the process."""
     # coreutils timeout signals the whole process group (rsync and its ssh), which sh's _timeout does not.
     guarded = ["timeout", "-s", "TERM", "-k", "5", str(deadline), *argv]
     read_end, write_end = os.pipe()
     try:
         try:
-            proc = sh.Command(guarded[0])(*guarded[1:], _env=_env_for(server, secret, environ), _new_group=True,
-                                          _in=stdin, _out=write_end, _ok_code=list(range(256)), _bg=True,
-                                          _timeout=deadline + 30)
+            proc = _spawn(children, server, guarded, _env=_env_for(server, secret, environ), _in=stdin,
+                          _out=write_end, _timeout=deadline + 30)
         finally:
             os.close(write_end)  # the child has its own copy: end of file when it (and its children) exit
-        try:
+        with children.running(proc.pgid):
             out = b""
             if on_line:
                 _read_lines(read_end, on_line)
             else:
                 out = _read_all(read_end)
-        except BaseException:
-            proc.kill_group()
-            raise
-        proc.wait()
-    except sh.CommandNotFound:
-        raise RemoteError(f"{argv[0]} is not installed; install it (apt-get install -y "
-                          f"{'openssh-client' if argv[0] == 'ssh' else argv[0]})", server=server.name)
+            proc.wait()
     except sh.TimeoutException:
-        raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
-                                "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
+        raise _too_slow(argv[0], server, deadline) from None
     finally:
         os.close(read_end)
-    if proc.exit_code in (124, 137):
-        raise RemoteUnreachable(f"{argv[0]} to {server.name}: no answer within the {deadline}s "
-                                "deadline (SSH_DEADLINE); the peer may be dead", server=server.name)
-    return proc.exit_code, out, proc.stderr.decode(errors="replace")
+    children.check()  # stopped while it ran: its output may be cut short
+    code, stderr = proc.exit_code, proc.stderr.decode(errors="replace")
+    if code in (124, 137):
+        raise _too_slow(argv[0], server, deadline)
+    if code == 127 and stderr.startswith("timeout: failed to run command"):
+        raise _not_installed(argv[0], server)
+    if code < 0:
+        raise RemoteUnreachable(f"{argv[0]} to {server.name}: killed by signal {-code}", server=server.name)
+    return code, out, stderr
 
 
 def _read_all(fd):
@@ -175,22 +300,28 @@ def _read_lines(fd, on_line):
 class Connection:
     """A per-server handle that keeps one ControlMaster open for the run."""
 
-    def __init__(self, settings, server, environ=None):
+    def __init__(self, settings, server, environ=None, children=None):
         self.settings = settings
         self.server = server
         self.environ = environ  # where the password is read (None: this process's environment)
+        self.children = Children() if children is None else children  # the run's, to stop them all
         self.sockets = control_dir(settings.state_dir)
         self.socket = control_socket(settings, server, self.sockets)
         self._lock = threading.Lock()
         self._open = False
+        self._trusts_sender = True  # until the local rsync says it does not know --trust-sender
 
     def _tool(self):
         return "sshpass+ssh" if self.server.auth == "password" else "ssh"
 
+    def _run(self, argv, deadline, **kwargs):
+        return _run(self.server, argv, deadline=deadline, children=self.children, environ=self.environ,
+                    **kwargs)
+
     def _master_alive(self):
         private_dir(self.sockets)
-        code, _, _ = _run(self.server, check_master_argv(self.settings, self.server, self.sockets),
-                          deadline=self.settings.ssh_connect_timeout + 5, secret=False)
+        code, _, _ = self._run(check_master_argv(self.settings, self.server, self.sockets),
+                               self.settings.ssh_connect_timeout + 5, secret=False)
         if code != 0:
             try:
                 os.unlink(self.socket)  # a dead master's socket
@@ -210,25 +341,25 @@ class Connection:
         with tempfile.TemporaryFile() as err:
             argv = master_argv(self.settings, self.server, self.sockets)
             try:
-                proc = sh.Command(argv[0])(*argv[1:], _env=_env_for(self.server, environ=self.environ), _in=None,
-                                           _out=os.devnull, _err=err, _new_group=True,
-                                           _ok_code=list(range(256)), _return_cmd=True,
-                                           _timeout=self.settings.ssh_connect_timeout * 3 + 5)
-                code = proc.exit_code
+                proc = _spawn(self.children, self.server, argv, _env=_env_for(self.server, environ=self.environ),
+                              _in=None, _out=os.devnull, _err=err,
+                              _timeout=self.settings.ssh_connect_timeout * 3 + 5)
+                with self.children.running(proc.pgid):  # until ssh -f is in the background
+                    proc.wait()
             except sh.TimeoutException:
                 raise RemoteUnreachable(f"ssh to {self.server.name}: no answer while connecting",
-                                        server=self.server.name)
+                                        server=self.server.name) from None
+            self.children.check()
             err.seek(0)
             stderr = err.read().decode(errors="replace")
-        if code != 0:
-            raise classify(code, stderr, server=self.server.name,
+        if proc.exit_code != 0:
+            raise classify(proc.exit_code, stderr, server=self.server.name,
                            tool="sshpass" if self.server.auth == "password" else "ssh")
 
     def close(self):
         """Stop the ControlMaster now rather than after SSH_CONTROL_PERSIST idle seconds."""
         with self._lock:
-            _run(self.server, exit_master_argv(self.settings, self.server, self.sockets), deadline=10,
-                 secret=False)
+            self._run(exit_master_argv(self.settings, self.server, self.sockets), 10, secret=False)
             self._open = False
 
     def list_files(self):
@@ -254,8 +385,7 @@ class Connection:
                 if not self._open else ["-o", "ControlMaster=no"]
             argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--",
                     self.server.host, listing_script(patterns)]
-            code, out, err = _run(self.server, with_password(self.server, argv),
-                                  deadline=self.settings.ssh_deadline, environ=self.environ)
+            code, out, err = self._run(with_password(self.server, argv), self.settings.ssh_deadline)
             if code != 0:
                 raise classify(code, err, server=self.server.name, tool=self._tool())
             self._open = True
@@ -266,7 +396,6 @@ class Connection:
         batch alone, in one rsync; raise on failure.
 
         `on_file(name)` is called as rsync reports each file done, so work can start before the batch ends."""
-        global _RSYNC_TRUSTS_SENDER
         self.open()
         listing = b"".join(os.fsencode(n) + b"\0" for n in names)
         on_line = None if on_file is None else (lambda line: on_file(decode_rsync_name(line)))
@@ -275,15 +404,12 @@ class Connection:
             argv = rsync_argv(self.settings, self.server, self.sockets, remote_dir, staging, trust_sender)
             if on_file is not None:
                 argv[1:1] = ["--out-format=%n", "--outbuf=L"]  # one line per finished file, at once
-            return _run(self.server, argv, deadline=self.settings.ssh_deadline, stdin=listing,
-                        on_line=on_line, environ=self.environ)
+            return self._run(argv, self.settings.ssh_deadline, stdin=listing, on_line=on_line)
 
-        trusting = _RSYNC_TRUSTS_SENDER
+        trusting = self._trusts_sender
         code, _, err = rsync(trusting)
         if code != 0 and trusting and refuses_trust_sender(err):
-            _RSYNC_TRUSTS_SENDER = False  # an rsync older than 3.2.5, which has no such check either
+            self._trusts_sender = False  # an rsync older than 3.2.5, which has no such check either
             code, _, err = rsync(False)
         if code != 0:
             raise classify(code, err, server=self.server.name, tool="rsync")
-
-

@@ -3,15 +3,22 @@ server's sha256sum, the run's children (stopped, or killed with the run) and sta
 from many threads."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import msgspec
 import pytest
 
 from relay import config, remote
-from relay.errors import AuthFailed
+from relay import sandbox as sb
+from relay.errors import AuthFailed, RunInterrupted
 
-from conftest import needs_root
+from conftest import REPO, needs_root
 
 
 def load(tmp_path, servers, **env):
@@ -29,6 +36,56 @@ def load(tmp_path, servers, **env):
 def env_settings(env):
     """The settings of an `env` fixture's config, as a run would load them."""
     return config.load_settings(str(env.conf), env.environ())
+
+
+def wait_until(predicate, timeout, what):
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        pause.wait(0.02)
+
+
+def _started(pid):
+    """The start time of live process `pid` (None once it is gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def tree(pid):
+    """`pid` and its descendants now, each with its start time (a reused pid is another process)."""
+    return {p: _started(p) for p in [pid, *sb._descendants(pid)] if _started(p)}
+
+
+def still_running(procs):
+    """Which of `procs` (from tree()) still run."""
+    return sorted(p for p, started in procs.items() if _started(p) == started)
+
+
+def names(procs):
+    """The command names of `procs`."""
+    found = set()
+    for pid in procs:
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                found.add(fh.read().strip())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def slow_command(settings, name):
+    """A minute-long command, run here (`local`) or on server `name` through its shared connection."""
+    if name == "local":
+        return ["sleep", "60"]
+    server = settings.server(name)
+    return remote.with_password(server, ["ssh", *remote.ssh_options(settings, server, remote.control_dir(
+        settings.state_dir)), "-o", "ControlMaster=no", "--", server.host, "sleep 60"])
 
 
 # --- the ControlMaster socket is named by the whole connection -------------------------------
@@ -77,3 +134,84 @@ def test_a_changed_user_is_refused_not_served_by_the_old_master(env, name):
         assert conn._master_alive()  # the old master was there all along, and not used
     finally:
         conn.close()
+
+
+# --- the run's children ---------------------------------------------------------------------
+
+@needs_root
+@pytest.mark.parametrize("name", ["local", "srv1", "srv2"])
+def test_stop_ends_a_running_command_within_5s_and_every_later_one_at_once(env, name):
+    settings = env_settings(env)
+    children = remote.Children()
+    conn = remote.Connection(settings, settings.server("srv1" if name == "local" else name), env.environ(),
+                             children)
+    conn.open()
+    outcome = []
+
+    def work():  # a worker thread, as the engine's
+        try:
+            outcome.append(conn._run(slow_command(settings, name), 120))
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        wait_until(children.live, 10, "the command registered")
+        wait_until(lambda: {"sleep" if name == "local" else "ssh"} <= names(tree(children.live()[0])), 10,
+                   "the command started")
+        procs = tree(children.live()[0])
+        began = time.monotonic()
+        children.stop()
+        worker.join(5)
+        assert not worker.is_alive() and time.monotonic() - began < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], RunInterrupted), outcome
+        assert still_running(procs) == [] and children.live() == []
+        began = time.monotonic()
+        with pytest.raises(RunInterrupted):
+            conn._run(["true"], 10)
+        with pytest.raises(RunInterrupted):
+            conn.list_files()
+        assert time.monotonic() - began < 0.5  # at once: nothing was started
+    finally:
+        worker.join(10)
+        remote.Connection(settings, conn.server).close()
+
+
+HELPER = """
+import json, os, sys, threading
+from relay import config, remote
+settings = config.load_settings(sys.argv[1], os.environ)
+children = remote.Children()
+conn = remote.Connection(settings, settings.server(sys.argv[2]), children=children)
+conn.open()
+worker = threading.Thread(target=conn._run, args=(json.loads(sys.argv[3]), 120))
+worker.start()  # forked from a worker thread, which lives as long as its command, as in the engine
+pause = threading.Event()
+while not children.live():
+    pause.wait(0.01)
+print(children.live()[0], flush=True)
+worker.join()
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["local", "srv1", "srv2"])
+def test_a_killed_run_takes_its_ssh_and_rsync_with_it(env, name):
+    settings = env_settings(env)
+    server = "srv2" if name == "local" else name
+    helper = subprocess.Popen([sys.executable, "-c", HELPER, str(env.conf), server,
+                               json.dumps(slow_command(settings, name))],
+                              cwd=str(REPO), env=env.environ(), stdout=subprocess.PIPE, text=True)
+    try:
+        group = int(helper.stdout.readline())
+        leaf = "sleep" if name == "local" else "ssh"
+        wait_until(lambda: {"timeout", leaf} <= names(tree(group)), 10, f"timeout and {leaf} running")
+        procs = tree(group)
+        helper.send_signal(signal.SIGKILL)
+        helper.wait(10)
+        wait_until(lambda: still_running(procs) == [], 10, f"the children of the killed run ended: {procs}")
+    finally:
+        helper.kill()
+        helper.wait(10)
+        remote.Connection(settings, settings.server(server), env.environ()).close()
