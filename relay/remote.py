@@ -6,34 +6,17 @@ import os
 import re
 import signal
 import stat
-import sys
 import tempfile
 import threading
 
-import msgspec
 import sh
 
-from .errors import AuthFailed, HostKeyMismatch, RemoteError, RemoteFileMissing, RemoteUnreachable, RunInterrupted
-from .sshargs import (check_master_argv, control_dir, control_socket, exit_master_argv,  # noqa: F401
-                      glob_escape, listing_script, master_argv, refuses_trust_sender, rsync_argv,
-                      split_glob, ssh_options, with_password)
+from .errors import AuthFailed, RemoteError, RemoteUnreachable, RunInterrupted
+# Re-exported: callers and tests use them as remote.<name>.
+from .sshargs import (Entry, check_master_argv, classify, control_dir, control_socket,  # noqa: F401
+                      decode_rsync_name, exit_master_argv, glob_escape, listing_script, master_argv,
+                      parse_listing, refuses_trust_sender, rsync_argv, split_glob, ssh_options, with_password)
 
-
-class Entry(msgspec.Struct, frozen=True):
-    """One path as the remote listing saw it."""
-
-    kind: str  # find's %y: f regular, l link, d directory, …
-    size: int
-    mtime: str  # seconds since the epoch with fraction, as find printed it
-    path: str  # surrogate-escaped str of the raw bytes
-
-    @property
-    def mtime_s(self):
-        """Whole seconds of the mtime, the precision compared after a fetch."""
-        return int(self.mtime.split(".")[0])
-
-
-# --- I/O helpers and parsing ---------------------------------------------------------------
 
 def private_dir(path):
     """Create `path` as a 0700 directory of ours; refuse one someone else made (it may be in /tmp)."""
@@ -45,54 +28,6 @@ def private_dir(path):
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
-
-
-def decode_rsync_name(line):
-    """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
-    if line.isascii() and "\\" not in line:
-        return line.rstrip("\n")  # nothing escaped: the common case, once a file
-    raw = line.rstrip("\n").encode("ascii", "surrogateescape")
-    return os.fsdecode(re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
-
-
-def parse_listing(raw):
-    """Entries from the NUL-separated listing output; names keep every byte (surrogate-escaped)."""
-    encoding = sys.getfilesystemencoding()
-    entries = []
-    for chunk in raw.split(b"\0"):
-        if chunk:
-            kind, size, mtime, path = chunk.split(b" ", 3)
-            entries.append(Entry(kind.decode(), int(size), mtime.decode(), path.decode(encoding, "surrogateescape")))
-    return entries
-
-
-_HOSTKEY = re.compile(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
-                      r"No .* host key is known", re.I)
-_AUTH = re.compile(r"Permission denied \((publickey|password|keyboard)|Permission denied, please try again|"
-                   r"Authentication failed|Too many authentication failures", re.I)
-_UNREACHABLE = re.compile(r"Connection refused|Connection timed out|timed out|Connection reset|"
-                          r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
-                          r"closed|Connection closed|Could not resolve|Name or service not known|"
-                          r"kex_exchange_identification|lost connection|deadline", re.I)
-_MISSING = re.compile(r"No such file or directory|failed to open|Permission denied \(13\)", re.I)
-
-
-def classify(code, stderr, *, server="", tool="ssh"):
-    """Turn an exit code plus stderr into a named RemoteError; codes alone are ambiguous."""
-    text = stderr.strip().splitlines()
-    detail = text[-1] if text else f"exit status {code}"
-    where = f"{tool} to {server}" if server else tool
-    if tool.startswith("sshpass") and code == 5 or _AUTH.search(stderr):
-        return AuthFailed(f"{where}: authentication refused ({detail}); check the user, key or "
-                          "password for this server", server=server, code=code)
-    if tool.startswith("sshpass") and code == 6 or _HOSTKEY.search(stderr):
-        return HostKeyMismatch(f"{where}: host key not accepted ({detail}); check SSH_KNOWN_HOSTS "
-                               "for this host", server=server, code=code)
-    if _UNREACHABLE.search(stderr) or code in (255, 10, 12, 30, 35):
-        return RemoteUnreachable(f"{where}: unreachable ({detail})", server=server, code=code)
-    if _MISSING.search(stderr):
-        return RemoteFileMissing(f"{where}: {detail}", server=server, code=code)
-    return RemoteUnreachable(f"{where}: failed with status {code} ({detail})", server=server, code=code)
 
 
 # --- the run's children ----------------------------------------------------------------------
@@ -271,7 +206,7 @@ def _run(server, argv, *, deadline, children, stdin=None, secret=True, on_line=N
     code, stderr = proc.exit_code, proc.stderr.decode(errors="replace")
     if code in (124, 137):
         raise _too_slow(argv[0], server, deadline)
-    if code == 127 and stderr.startswith("timeout: failed to run command"):
+    if code == 127 and re.match(r"\S*timeout: failed to run command", stderr):
         raise _not_installed(argv[0], server)
     if code < 0:
         raise RemoteUnreachable(f"{argv[0]} to {server.name}: killed by signal {-code}", server=server.name)

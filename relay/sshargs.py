@@ -1,11 +1,31 @@
-"""Pure argument lists and remote scripts for ssh and rsync (no I/O): what remote.py runs."""
+"""Pure (no I/O): the ssh and rsync argument lists and remote scripts remote.py runs, and the parsers of
+what they print and how they fail."""
 
 import hashlib
 import json
 import os
 import re
 import shlex
+import sys
 import tempfile
+
+import msgspec
+
+from .errors import AuthFailed, HostKeyMismatch, RemoteFileMissing, RemoteUnreachable
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One path as the remote listing saw it."""
+
+    kind: str  # find's %y: f regular, l link, d directory, …
+    size: int
+    mtime: str  # seconds since the epoch with fraction, as find printed it
+    path: str  # surrogate-escaped str of the raw bytes
+
+    @property
+    def mtime_s(self):
+        """Whole seconds of the mtime, the precision compared after a fetch."""
+        return int(self.mtime.split(".")[0])
 
 
 def control_dir(state_dir):
@@ -141,3 +161,51 @@ def listing_script(patterns):
             f"-maxdepth {depth} -path {shlex.quote(pattern.rstrip('/'))} "
             f"-printf '%y %s %T@ %p\\0'; }}")
     return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
+
+
+def decode_rsync_name(line):
+    """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
+    if line.isascii() and "\\" not in line:
+        return line.rstrip("\n")  # nothing escaped: the common case, once a file
+    raw = line.rstrip("\n").encode("ascii", "surrogateescape")
+    return os.fsdecode(re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
+
+
+def parse_listing(raw):
+    """Entries from the NUL-separated listing output; names keep every byte (surrogate-escaped)."""
+    encoding = sys.getfilesystemencoding()
+    entries = []
+    for chunk in raw.split(b"\0"):
+        if chunk:
+            kind, size, mtime, path = chunk.split(b" ", 3)
+            entries.append(Entry(kind.decode(), int(size), mtime.decode(), path.decode(encoding, "surrogateescape")))
+    return entries
+
+
+_HOSTKEY = re.compile(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
+                      r"No .* host key is known", re.I)
+_AUTH = re.compile(r"Permission denied \((publickey|password|keyboard)|Permission denied, please try again|"
+                   r"Authentication failed|Too many authentication failures", re.I)
+_UNREACHABLE = re.compile(r"Connection refused|Connection timed out|timed out|Connection reset|"
+                          r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
+                          r"closed|Connection closed|Could not resolve|Name or service not known|"
+                          r"kex_exchange_identification|lost connection|deadline", re.I)
+_MISSING = re.compile(r"No such file or directory|failed to open|Permission denied \(13\)", re.I)
+
+
+def classify(code, stderr, *, server="", tool="ssh"):
+    """Turn an exit code plus stderr into a named RemoteError; codes alone are ambiguous."""
+    text = stderr.strip().splitlines()
+    detail = text[-1] if text else f"exit status {code}"
+    where = f"{tool} to {server}" if server else tool
+    if tool.startswith("sshpass") and code == 5 or _AUTH.search(stderr):
+        return AuthFailed(f"{where}: authentication refused ({detail}); check the user, key or "
+                          "password for this server", server=server, code=code)
+    if tool.startswith("sshpass") and code == 6 or _HOSTKEY.search(stderr):
+        return HostKeyMismatch(f"{where}: host key not accepted ({detail}); check SSH_KNOWN_HOSTS "
+                               "for this host", server=server, code=code)
+    if _UNREACHABLE.search(stderr) or code in (255, 10, 12, 30, 35):
+        return RemoteUnreachable(f"{where}: unreachable ({detail})", server=server, code=code)
+    if _MISSING.search(stderr):
+        return RemoteFileMissing(f"{where}: {detail}", server=server, code=code)
+    return RemoteUnreachable(f"{where}: failed with status {code} ({detail})", server=server, code=code)

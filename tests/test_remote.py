@@ -16,7 +16,8 @@ import pytest
 
 from relay import config, remote
 from relay import sandbox as sb
-from relay.errors import AuthFailed, RunInterrupted
+from relay.config import Server
+from relay.errors import AuthFailed, RemoteError, RemoteFileMissing, RemoteUnreachable, RunInterrupted
 
 from conftest import REPO, needs_root
 
@@ -36,6 +37,9 @@ def load(tmp_path, servers, **env):
 def env_settings(env):
     """The settings of an `env` fixture's config, as a run would load them."""
     return config.load_settings(str(env.conf), env.environ())
+
+
+LOCAL = Server(name="local", host="127.0.0.1", user="u", remote_paths=("/x/*.gz",))  # for local commands
 
 
 def wait_until(predicate, timeout, what):
@@ -134,6 +138,19 @@ def test_a_changed_user_is_refused_not_served_by_the_old_master(env, name):
         assert conn._master_alive()  # the old master was there all along, and not used
     finally:
         conn.close()
+
+
+# --- local failures ------------------------------------------------------------------------
+
+def test_a_missing_local_tool_is_said_as_such_not_taken_for_a_missing_remote_file():
+    with pytest.raises(RemoteError, match="no-such-tool is not installed") as caught:
+        remote._run(LOCAL, ["no-such-tool"], deadline=5, children=remote.Children())
+    assert not isinstance(caught.value, RemoteFileMissing)
+
+
+def test_a_command_killed_by_a_signal_is_a_transient_remote_failure():
+    with pytest.raises(RemoteUnreachable, match="killed by signal 9"):
+        remote._run(LOCAL, ["sh", "-c", "kill -KILL $$"], deadline=5, children=remote.Children())
 
 
 # --- the run's children ---------------------------------------------------------------------
