@@ -15,7 +15,8 @@ from .errors import AuthFailed, RemoteError, RemoteUnreachable, RunInterrupted
 # Re-exported: callers and tests use them as remote.<name>.
 from .sshargs import (Entry, check_master_argv, classify, control_dir, control_socket,  # noqa: F401
                       decode_rsync_name, exit_master_argv, glob_escape, listing_script, master_argv,
-                      parse_listing, refuses_trust_sender, rsync_argv, split_glob, ssh_options, with_password)
+                      parse_listing, parse_sha256, refuses_trust_sender, rsync_argv, sha256_input, sha256_script,
+                      sha256_unavailable, split_glob, ssh_options, with_password)
 
 
 def private_dir(path):
@@ -309,22 +310,42 @@ class Connection:
         return None
 
     def list_paths(self, patterns):
-        """One round trip: every path matching `patterns`.
-
-        With no shared connection up yet, the listing's own ssh becomes the ControlMaster and stays
-        in the background (its stdio detached): the handshake and the listing cost one session."""
-        with self._lock:
-            # `auto`: use a live master if there is one (a stale socket is removed), else become it.
-            private_dir(self.sockets)
-            mux = ["-o", "ControlMaster=auto", "-o", f"ControlPersist={self.settings.ssh_control_persist}"] \
-                if not self._open else ["-o", "ControlMaster=no"]
-            argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--",
-                    self.server.host, listing_script(patterns)]
-            code, out, err = self._run(with_password(self.server, argv), self.settings.ssh_deadline)
-            if code != 0:
-                raise classify(code, err, server=self.server.name, tool=self._tool())
-            self._open = True
+        """One round trip: every path matching `patterns`."""
+        code, out, err = self._remote(listing_script(patterns))
+        if code != 0:
+            raise classify(code, err, server=self.server.name, tool=self._tool())
         return parse_listing(out)
+
+    def remote_sha256(self, paths, search_path=None):
+        """{path: lowercase hex SHA256} of those of `paths` the server can read, in one round trip;
+        None if it has no sha256sum (or one without -z). `search_path`: the remote PATH to use."""
+        if not paths:
+            return {}
+        code, out, err = self._remote(sha256_script(search_path), stdin=sha256_input(paths))
+        if sha256_unavailable(code, err):
+            return None
+        if code not in (0, 123):  # 123: sha256sum failed for some (gone, unreadable): they are left out
+            raise classify(code, err, server=self.server.name, tool=self._tool())
+        return parse_sha256(out, paths)
+
+    def _remote(self, script, stdin=None):
+        """Run `script` on the server over the shared connection; (code, stdout, stderr).
+
+        With no shared connection up yet, this ssh becomes the ControlMaster and stays in the
+        background (its stdio detached): the handshake and the command cost one session."""
+        with self._lock:
+            if not self._open:
+                # `auto`: use a live master if there is one (a stale socket is removed), else become it.
+                private_dir(self.sockets)
+                result = self._ssh(script, stdin, "-o", "ControlMaster=auto",
+                                   "-o", f"ControlPersist={self.settings.ssh_control_persist}")
+                self._open = result[0] == 0
+                return result
+        return self._ssh(script, stdin, "-o", "ControlMaster=no")
+
+    def _ssh(self, script, stdin, *mux):
+        argv = ["ssh", *ssh_options(self.settings, self.server, self.sockets), *mux, "--", self.server.host, script]
+        return self._run(with_password(self.server, argv), self.settings.ssh_deadline, stdin=stdin)
 
     def fetch(self, remote_dir, names, staging, on_file=None):
         """Pull `names` (basenames in `remote_dir`) into `staging`, a private directory of this

@@ -163,6 +163,47 @@ def listing_script(patterns):
     return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
 
 
+def sha256_script(search_path=None):
+    """One POSIX shell line printing `HASH  PATH\\0` for each NUL-terminated path on its stdin it can read.
+
+    The paths never enter a command line a shell reads: xargs hands them to sha256sum as arguments,
+    after `--`; `-z` ends each line with NUL and prints the name as it is (no escaping), so every
+    byte comes back. `search_path`: the PATH to find xargs and sha256sum in (default: the login's)."""
+    path = "" if search_path is None else f"PATH={shlex.quote(search_path)}; export PATH; "
+    return f"LC_ALL=C; export LC_ALL; {path}cd / && exec xargs -0 -r sha256sum -z --"
+
+
+# What an xargs or sha256sum without -0 / -z says (in the C locale): no sha256sum we can use.
+_NO_SHA256 = re.compile(r"^(xargs|sha256sum): (invalid|unrecognized) option", re.M)
+
+
+def sha256_unavailable(code, stderr):
+    """Whether sha256_script failed for want of a usable sha256sum (or xargs), not of a file or the link."""
+    return code == 127 or code in (1, 123) and _NO_SHA256.search(stderr) is not None
+
+
+def _as_sent(path):
+    # A relative path goes as ./path: sha256sum reads a bare `-` as its stdin, even after `--`.
+    return path if path.startswith("/") else "./" + path
+
+
+def sha256_input(paths):
+    """The stdin of sha256_script for `paths` (surrogate-escaped str): their bytes, NUL-terminated."""
+    return b"".join(os.fsencode(_as_sent(p)) + b"\0" for p in paths)
+
+
+def parse_sha256(raw, paths):
+    """{path: hex} from sha256_script's output, for the asked `paths` alone."""
+    wanted = {_as_sent(p): p for p in paths}
+    found = {}
+    for line in raw.split(b"\0"):
+        digest, mark, name = line[:64], line[64:66], line[66:]
+        path = wanted.get(os.fsdecode(name))
+        if path is not None and mark in (b"  ", b" *") and re.fullmatch(rb"[0-9a-f]{64}", digest):
+            found[path] = digest.decode()
+    return found
+
+
 def decode_rsync_name(line):
     """A file name as rsync logs it (non-printable bytes as \\#ooo, in the C locale) back to its bytes."""
     if line.isascii() and "\\" not in line:

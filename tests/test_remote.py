@@ -2,6 +2,7 @@
 server's sha256sum, the run's children (stopped, or killed with the run) and starting commands
 from many threads."""
 
+import hashlib
 import json
 import os
 import re
@@ -138,6 +139,104 @@ def test_a_changed_user_is_refused_not_served_by_the_old_master(env, name):
         assert conn._master_alive()  # the old master was there all along, and not used
     finally:
         conn.close()
+
+
+# --- the server's own sha256sum -------------------------------------------------------------
+
+HOSTILE = [b"plain.gz", b"with space.gz", b"-dash.gz", b"--help", b"-", b"q'uo\"te.gz", b"$(touch pwned).gz",
+           b"`touch pwned2`;x", b"new\nline.gz", b"trailing-newline\n", b"back\\slash.gz", b"\\n", b"tab\tgz",
+           b" lead space", b"latin-\xe9.gz", b"\xff\xfe", b"star*?[x]", b"x  y"]
+
+
+def write_remote(directory, names):
+    """Write a small distinct file for each of `names` (bytes) into `directory`; {path str: sha256}."""
+    hashes = {}
+    for index, name in enumerate(names):
+        path = os.path.join(os.fsencode(str(directory)), name)
+        data = f"content {index} ".encode() * (index + 1)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, 0o644)
+        hashes[os.fsdecode(path)] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def test_sha256_names_go_nul_terminated_and_a_relative_one_never_as_a_bare_dash():
+    assert remote.sha256_input(["-", "/a b\n", "x/-y"]) == b"./-\0/a b\n\0./x/-y\0"
+    digest = "ab" * 32
+    out = f"{digest}  ./-\0{digest} */a b\n\0{'0' * 64}  /not asked\0".encode()
+    assert remote.parse_sha256(out, ["-", "/a b\n"]) == {"-": digest, "/a b\n": digest}
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["srv1", "srv2"])
+def test_remote_sha256_of_hostile_names_equals_hashlib_and_leaves_out_what_is_not_there(env, name):
+    settings = env_settings(env)
+    where = env.remote(name)
+    expected = write_remote(where, HOSTILE)
+    (where / "a-directory").mkdir()
+    unreadable = where / "unreadable.gz"
+    unreadable.write_bytes(b"secret")
+    os.chmod(unreadable, 0o600)  # root's: the login user cannot read it
+    relative = {str(where / "-")[1:]: expected[str(where / "-")]}  # from /, where the command runs
+    asked = [*expected, *relative, str(where / "vanished.gz"), str(where / "a-directory"), str(unreadable)]
+    conn = remote.Connection(settings, settings.server(name), env.environ())
+    try:
+        assert conn.remote_sha256(asked) == {**expected, **relative}
+        assert conn.remote_sha256([str(where / "vanished.gz")]) == {}
+        assert conn.remote_sha256([]) == {}
+        assert not any(os.path.exists(p) for p in ("/pwned", "/pwned2", where / "pwned", where / "pwned2"))
+    finally:
+        conn.close()
+
+
+@needs_root
+def test_remote_sha256_of_more_names_than_one_command_line_takes(env):
+    settings = env_settings(env)
+    names = [f"{n:04d}-{'x' * 200}.gz".encode() for n in range(1500)]  # about 300 kB of names: xargs splits
+    expected = write_remote(env.remote("srv1"), names)
+    conn = remote.Connection(settings, settings.server("srv1"), env.environ())
+    try:
+        assert conn.remote_sha256(list(expected)) == expected
+    finally:
+        conn.close()
+
+
+@needs_root
+def test_remote_sha256_is_none_without_a_usable_sha256sum_on_the_server(env):
+    settings = env_settings(env)
+    where = env.remote("srv1")
+    expected = write_remote(where, [b"a.gz"])
+    only_xargs = where / "only-xargs"
+    only_xargs.mkdir()
+    os.symlink(subprocess.run(["sh", "-c", "command -v xargs"], capture_output=True, text=True).stdout.strip(),
+               only_xargs / "xargs")
+    old = where / "old-sha256sum"  # a sha256sum from before -z, as coreutils 8.30 is
+    old.mkdir()
+    os.symlink(only_xargs / "xargs", old / "xargs")
+    (old / "sha256sum").write_text("#!/bin/sh\necho \"sha256sum: invalid option -- 'z'\" >&2\nexit 1\n")
+    os.chmod(old / "sha256sum", 0o755)
+    conn = remote.Connection(settings, settings.server("srv1"), env.environ())
+    try:
+        assert conn.remote_sha256(list(expected), search_path=str(only_xargs)) is None  # xargs: 127
+        assert conn.remote_sha256(list(expected), search_path="/nonexistent") is None  # the shell: 127
+        assert conn.remote_sha256(list(expected), search_path=str(old)) is None
+        assert conn.remote_sha256(list(expected)) == expected  # the same connection, the login's PATH
+    finally:
+        conn.close()
+
+
+@needs_root
+def test_remote_sha256_raises_the_classified_error_when_the_server_cannot_be_used(env):
+    settings = env_settings(env)
+    paths = list(write_remote(env.remote("srv1"), [b"a.gz"]))
+    server = settings.server("srv1")
+    refused = remote.Connection(settings, msgspec.structs.replace(server, user="nosuchuser"), env.environ())
+    with pytest.raises(AuthFailed):
+        refused.remote_sha256(paths)
+    closed = remote.Connection(settings, msgspec.structs.replace(server, port=sb._free_port(server.host)))
+    with pytest.raises(RemoteUnreachable):
+        closed.remote_sha256(paths)
 
 
 # --- local failures ------------------------------------------------------------------------
