@@ -1,12 +1,15 @@
 """Load and validate `.env`, `sources.conf` and `pipeline.conf` with cerberus before anything runs."""
 
+import functools
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import msgspec
 from cerberus import Validator
+from cerberus.errors import BasicErrorHandler
 from cerberus.schema import DefinitionSchema
 from dotenv import dotenv_values
 
@@ -23,9 +26,25 @@ HOST_RE = r"^[A-Za-z0-9_.:\[\]%-]+$"
 USER_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]*\$?$"
 ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-_POS_INT = {"type": "integer", "coerce": int, "min": 1}
-_NONNEG_FLOAT = {"type": "float", "coerce": float, "min": 0}
-_PATH = {"type": "string", "empty": False, "coerce": str.strip, "regex": r"^/.*"}
+
+def _integer(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # int()'s own message quotes Python, not the user's problem
+        raise ValueError("must be an integer") from None
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
+
+
+ABSOLUTE_RE = r"^/.*"
+_POS_INT = {"type": "integer", "coerce": _integer, "min": 1}
+_NONNEG_FLOAT = {"type": "float", "coerce": _number, "min": 0}
+_PATH = {"type": "string", "empty": False, "coerce": str.strip, "regex": ABSOLUTE_RE}
 
 ENV_SCHEMA = {
     "DATA_ROOT": {**_PATH, "required": True},
@@ -62,7 +81,7 @@ SERVER_SCHEMA = {
     ]},
     "enabled": {"type": "boolean", "default": True},
     "port": {"type": "integer", "min": 1, "max": 65535, "default": 22},
-    "identity_file": {"type": "string", "regex": r"^/.*", "nullable": True, "default": None},
+    "identity_file": {"type": "string", "regex": ABSOLUTE_RE, "nullable": True, "default": None},
     "auth": {"type": "string", "allowed": ["key", "password"], "default": "key"},
     "password_env": {"type": "string", "regex": ENV_NAME_RE, "default": "SSH_PASSWORD"},
 }
@@ -129,6 +148,7 @@ class Settings(msgspec.Struct, frozen=True):
     min_file_age_seconds: float
     max_extracted_bytes: int
     min_free_bytes: int
+    from_environment: tuple = ()  # the .env keys whose value came from the process environment
 
     def server(self, name):
         """The configured server called `name`."""
@@ -159,6 +179,31 @@ def flatten_errors(errors, prefix=""):
 SCHEMAS = {"ENV_SCHEMA": ENV_SCHEMA, "SOURCES_SCHEMA": SOURCES_SCHEMA, "PIPELINE_SCHEMA": PIPELINE_SCHEMA}
 
 
+def _hint(field, error):
+    """What to do about `error`, where cerberus' message alone does not say it."""
+    if error.rule == "regex" and error.constraint == ABSOLUTE_RE:
+        tilde = " (~ is not expanded here: write the home directory out)" if str(error.value).startswith("~") else ""
+        return f"{error.value} is a relative path; it must be absolute (start with /){tilde}"
+    if field == "SSH_STRICT_HOST_KEY_CHECKING" and error.rule == "allowed":
+        return ("host keys are always checked: use accept-new to learn the key of a new server "
+                "(a changed key is still refused), or yes to accept known keys only")
+    return None
+
+
+class _Messages(BasicErrorHandler):
+    """cerberus' messages, each followed by what to do where `_hint` knows it."""
+
+    def __call__(self, errors):
+        # A value that could not be coerced also fails its type: one line says it.
+        uncoerced = {e.document_path for e in errors if e.rule == "coerce"}
+        return super().__call__([e for e in errors if not (e.rule == "type" and e.document_path in uncoerced)])
+
+    def _format_message(self, field, error):
+        message = super()._format_message(field, error)
+        hint = _hint(field, error)
+        return f"{message}: {hint}" if hint else message
+
+
 class _CheckedSchema(DefinitionSchema):
     """One of SCHEMAS, taken as it is: the tests check each against cerberus's own rules.
 
@@ -169,12 +214,28 @@ class _CheckedSchema(DefinitionSchema):
         """Skipped: tests/test_config.py checks every schema in SCHEMAS."""
 
 
-def _validate(document, schema, filename, **kwargs):
-    validator = Validator(**kwargs)
+def _validate(document, schema, filename, named=None):
+    """The normalised `document`, or ConfigError with a line a problem; `named(key)` names a top-level key."""
+    validator = Validator(error_handler=_Messages)
     validator.schema = _CheckedSchema(validator, schema)
     if not validator.validate(document):
-        raise ConfigError("\n".join(f"{filename}: {line}" for line in flatten_errors(validator.errors)))
+        if named is None:
+            lines = [f"{filename}: {line}" for line in flatten_errors(validator.errors)]
+        else:  # a flat schema (.env): every problem is a string under its key
+            lines = [f"{named(key)}: {problem}" for key, problems in sorted(validator.errors.items())
+                     for problem in problems]
+        raise ConfigError("\n".join(lines))
     return validator.document
+
+
+def _not_found(path):
+    example = DEFAULT_CONFIG_DIR / f"{path.name}.example"
+    return ConfigError(f"{path}: file not found; copy {path.name}.example and edit it: cp {example} {path} "
+                       "(or set RELAY_CONFIG_DIR to the directory that holds it)")
+
+
+def _unreadable(path, exc):
+    return ConfigError(f"{path}: cannot read it ({exc.strerror}); make it a file the user of the run can read")
 
 
 def _read_json(path):
@@ -182,8 +243,9 @@ def _read_json(path):
         with open(path, "rb") as fh:
             document = json.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found; copy {path.name}.example beside it and edit it, "
-                          "or set RELAY_CONFIG_DIR") from None
+        raise _not_found(path) from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -191,19 +253,48 @@ def _read_json(path):
     return document
 
 
+def _where(env_path, from_environment, key):
+    if key in from_environment:  # else the user would look for it in .env
+        value = str(from_environment[key])
+        shown = shlex.quote(value) if value.isprintable() else repr(value)
+        return f"{key}={shown} (from the environment, not {env_path})"
+    return f"{env_path}: {key}"
+
+
+def where(settings, key):
+    """How a message names .env key `key`: `…/.env: KEY`, or `KEY=value (from the environment, not …/.env)`."""
+    from_environment = {k: getattr(settings, k.lower()) for k in settings.from_environment}  # as loaded
+    return _where(Path(settings.config_dir) / ".env", from_environment, key)
+
+
+REQUIRED_ENV = tuple(key for key, rules in ENV_SCHEMA.items() if rules.get("required"))
+
+
+def _read_dotenv(env_path, environ):
+    try:
+        with open(env_path, encoding="utf-8") as fh:  # dotenv_values(path) takes a missing file for an empty one
+            return {k: v for k, v in dotenv_values(stream=fh).items() if v is not None}
+    except FileNotFoundError:
+        if all(key in environ for key in REQUIRED_ENV):
+            return {}  # everything it must hold comes from the environment (systemd's EnvironmentFile=)
+        raise _not_found(env_path) from None
+    except OSError as exc:
+        raise _unreadable(env_path, exc) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{env_path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
 def read_env(config_dir, environ):
-    """Merge `<config_dir>/.env` with the process environment (which wins) and validate it."""
+    """`<config_dir>/.env` merged with the process environment (which wins), validated: (values, those from environ)."""
     env_path = Path(config_dir) / ".env"
-    from_file = {}
-    if env_path.exists():
-        from_file = {k: v for k, v in dotenv_values(env_path).items() if v is not None}
+    from_file = _read_dotenv(env_path, environ)
     for key in SECRET_KEYS:
         if key in from_file:
             raise ConfigError(f"{env_path}: {key}: a password must not be stored in a file; "
                               f"remove it and export {key} in the environment of the run instead")
-    merged = dict(from_file)
-    merged.update({k: environ[k] for k in ENV_SCHEMA if k in environ})
-    return _validate(merged, ENV_SCHEMA, env_path)
+    from_environment = {k: environ[k] for k in ENV_SCHEMA if k in environ}
+    named = functools.partial(_where, env_path, from_environment)
+    return _validate({**from_file, **from_environment}, ENV_SCHEMA, env_path, named), from_environment
 
 
 def _check_unique_names(servers, path):
@@ -224,25 +315,33 @@ def _nearest_existing(path):
 DIRECTORY_KEYS = ("DATA_ROOT", "STATE_DIR", "LOG_DIR", "TMP_DIR")
 
 
-def check_directories(env, env_path):
-    """Each directory key names a directory, or a path one can be created at."""
+def check_directories(env, named):
+    """Each directory key names a writable directory, or a path one can be created at; nothing is written."""
     for key in DIRECTORY_KEYS:
         path = Path(env[key])
         anchor = _nearest_existing(path)
         if not anchor.is_dir():
-            raise ConfigError(f"{env_path}: {key}: {path}: {anchor} is not a directory; point {key} "
+            raise ConfigError(f"{named(key)}: {path}: {anchor} is not a directory; point {key} "
                               "at a directory")
-        if anchor != path and not os.access(anchor, os.W_OK | os.X_OK):
-            raise ConfigError(f"{env_path}: {key}: {path} does not exist and cannot be created in {anchor} "
+        # Before os.access: that says "not writable" for a read-only mount too, without saying why.
+        if os.statvfs(anchor).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"{named(key)}: {path} is on a read-only filesystem; remount it read-write "
+                              f"or point {key} elsewhere")
+        if os.access(anchor, os.W_OK | os.X_OK):
+            continue
+        if anchor != path:
+            raise ConfigError(f"{named(key)}: {path} does not exist and cannot be created in {anchor} "
                               f"(not writable); create it, or point {key} somewhere writable")
+        raise ConfigError(f"{named(key)}: {path} is not writable by this user (uid {os.getuid()}); "
+                          f"give it write permission, or point {key} somewhere writable")
 
 
-def check_same_filesystem(env, env_path):
+def check_same_filesystem(env, named):
     """TMP_DIR must share DATA_ROOT's filesystem so that a rename publishes a file atomically."""
     data_dev = _nearest_existing(env["DATA_ROOT"]).stat().st_dev
     tmp_dev = _nearest_existing(env["TMP_DIR"]).stat().st_dev
     if data_dev != tmp_dev:
-        raise ConfigError(f"{env_path}: TMP_DIR: {env['TMP_DIR']} is not on the same filesystem as "
+        raise ConfigError(f"{named('TMP_DIR')}: {env['TMP_DIR']} is not on the same filesystem as "
                           f"DATA_ROOT {env['DATA_ROOT']}; files are published by rename, so choose a "
                           "TMP_DIR on that filesystem")
 
@@ -250,17 +349,21 @@ def check_same_filesystem(env, env_path):
 def load_settings(config_dir=None, environ=None):
     """Read and validate all three configuration files; raise ConfigError naming file and key."""
     environ = os.environ if environ is None else environ
+    if not config_dir and environ.get("RELAY_CONFIG_DIR") and not Path(environ["RELAY_CONFIG_DIR"]).is_dir():
+        raise ConfigError(f"RELAY_CONFIG_DIR={environ['RELAY_CONFIG_DIR']} (from the environment): no such "
+                          "directory; point it at the directory that holds .env, sources.conf and pipeline.conf")
     config_dir = Path(config_dir or environ.get("RELAY_CONFIG_DIR") or DEFAULT_CONFIG_DIR).resolve()
     if not config_dir.is_dir():
         raise ConfigError(f"{config_dir}: configuration directory not found (set RELAY_CONFIG_DIR)")
-    env = read_env(config_dir, environ)
+    env, from_environment = read_env(config_dir, environ)
+    named = functools.partial(_where, config_dir / ".env", from_environment)
     sources_path = config_dir / "sources.conf"
     sources = _validate(_read_json(sources_path), SOURCES_SCHEMA, sources_path)
     _check_unique_names(sources["servers"], sources_path)
     pipeline_path = config_dir / "pipeline.conf"
     pipeline = _validate(_read_json(pipeline_path), PIPELINE_SCHEMA, pipeline_path)
-    check_directories(env, config_dir / ".env")
-    check_same_filesystem(env, config_dir / ".env")
+    check_directories(env, named)
+    check_same_filesystem(env, named)
     servers = []
     for srv in sources["servers"]:
         paths = srv.pop("remote_path")
@@ -268,6 +371,7 @@ def load_settings(config_dir=None, environ=None):
     return Settings(
         config_dir=str(config_dir),
         servers=tuple(servers),
+        from_environment=tuple(from_environment),
         **{k.lower(): v for k, v in env.items()},
         **pipeline,
     )
