@@ -12,12 +12,14 @@ Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,
 
 import argparse
 import compileall
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from relay import sandbox  # noqa: E402
+
+import fleet  # noqa: E402  (bench/fleet.py, beside this file)
 
 OLD = 1_700_000_000  # mtime of generated files: old enough to be due at once
 
@@ -44,6 +48,14 @@ WORKLOADS = {
     # A server back after a long outage: thousands of files in one batch (no target of the issue's).
     "backlog": {"files": 10_000, "size": 20 * 2**10, "quick": (1_000, 20 * 2**10), "target": "none (scaling)",
                 "servers": 1},
+    # Issue 11, point 17. A cold run over many servers (about 200 KB compressed a file) against the
+    # naive script run `parallel` servers at once; quick: (servers, files per server).
+    "fleet": {"servers": 50, "files": 5, "size": 2_900_000, "quick": (10, 3), "parallel": 8,
+              "target": "ratio <= 1.0"},
+    # extract:srv1 in the fleet's configuration with another server frozen, against srv1 alone.
+    "targeted": {"like": "fleet", "target": "ratio <= 1.5"},
+    # One server's numbered rotation after 20 files were processed: only the new file should move.
+    "rotation": {"files": 20, "size": 14_500_000, "quick": (20, 2_900_000), "target": "none (bytes moved)"},
 }
 
 # bench/bare.py inflates each file in memory: it only takes part in workloads of files up to this size.
@@ -158,7 +170,8 @@ def digest_tree(root):
 
 
 class Bench:
-    """One work area on tmpfs with three sshd servers, reused by every workload."""
+    """One work area on tmpfs with three sshd servers, reused by every workload, and the fleet's
+    servers, started by the first workload that needs them."""
 
     def __init__(self, rounds, bare=False):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -166,6 +179,7 @@ class Bench:
         self.rounds = rounds
         self.bare = bare  # also time bench/bare.py, the floor of a plain Python pipeline
         self.box = sandbox.Sandbox(str(self.root / "servers"), count=3, password_servers=(2,)).start()
+        self.fleet_box = self.fleet_data = None
         self.env = self.box.environ()
         self.env["SSHPASS"] = self.box.password  # for the naive script's `sshpass -e`
         # Byte-code, as an installed copy has: else a PYTHONDONTWRITEBYTECODE environment would have
@@ -174,54 +188,70 @@ class Bench:
         compileall.compile_file(str(REPO / "dodo.py"), quiet=1)
 
     def close(self):
-        self.box.stop()
+        """Stop every server and remove the work area."""
+        for box in (self.fleet_box, self.box):
+            if box is not None:
+                box.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _dirs(self, name):
-        for s in self.box.servers:
+    def _dirs(self, name, servers):
+        for s in servers:
             path = Path(s.remote_dir) / name
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
             os.chmod(path, 0o755)
 
-    def _ours(self, name, servers):
+    def _ours(self, name, servers, box=None, subdir=None):
+        box = box or self.box
         work = self.root / "ours" / name
-        conf = self.box.write_config(str(work / "conf"), str(work), subdir=name,
-                                     pipeline={"max_workers": 2, "min_free_bytes": 0,
-                                               "max_extracted_bytes": 8 * 2**30},
-                                     servers=[{} if s in servers else {"enabled": False} for s in self.box.servers])
+        conf = box.write_config(str(work / "conf"), str(work), subdir=subdir or name,
+                                pipeline={"max_workers": 2, "min_free_bytes": 0,
+                                          "max_extracted_bytes": 8 * 2**30},
+                                servers=[{} if s in servers else {"enabled": False} for s in box.servers])
         env = dict(self.env, RELAY_CONFIG_DIR=conf)
         argv = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "run"]
         return work, env, argv
 
-    def compare(self, name, spec, corpus, quick):
-        """Alternate ours and the naive script over the rounds on one generated data set."""
-        count, size = spec["quick"] if quick else (spec["files"], spec["size"])
-        servers = self.box.servers[: spec.get("servers", 3)]
-        self._dirs(name)
+    def _generate(self, name, servers, corpus, count, size):
+        """`count` files of about `size` plain bytes on each server, under `name`; (paths, plain bytes)."""
+        self._dirs(name, servers)
         paths, raw = [], 0
         for s in servers:
             for i in range(count):
                 path = Path(s.remote_dir) / name / f"access.log.{i + 1}.gz"
                 raw += corpus.write(str(path), size)
                 paths.append(path)
-        ratio = raw / sum(p.stat().st_size for p in paths)
-        work, env, argv = self._ours(name, servers)
+        return paths, raw
+
+    def compare(self, name, spec, corpus, quick):
+        """Alternate ours and the naive script (server after server) on one generated data set."""
+        count, size = spec["quick"] if quick else (spec["files"], spec["size"])
+        servers = self.box.servers[: spec.get("servers", 3)]
+        paths, raw = self._generate(name, servers, corpus, count, size)
         naive_out = self.root / "naive" / name
         script = self.root / f"naive-{name}.sh"
         script.write_text(naive_script(self.box, [_Remote(s, name) for s in servers], naive_out))
+        return self._contest(name, spec, self.box, servers, paths, raw, size, ["bash", str(script)], naive_out)
+
+    def _contest(self, name, spec, box, servers, paths, raw, size, naive_argv, naive_out, cold=False):
+        """Alternate ours, the naive script and, with --bare, bench/bare.py over the rounds; `cold`:
+        no ControlMaster of ours outlives its run (the naive script has none)."""
+        ratio = raw / sum(p.stat().st_size for p in paths)
+        work, env, argv = self._ours(name, servers, box)
         bare_work, bare_out = self.root / "bare" / name, self.root / "bare-out" / name
         bare_file = self.root / f"bare-{name}.json"
-        bare_file.write_text(bare_spec(self.box, [_Remote(s, name) for s in servers], bare_work, bare_out))
+        bare_file.write_text(bare_spec(box, [_Remote(s, name) for s in servers], bare_work, bare_out))
         ours_t, naive_t, bare_t, rss, ours_cpu, naive_cpu = [], [], [], [], [], []
         with_bare = self.bare and size <= BARE_MAX_BYTES
         for _ in range(self.rounds):
             reset(work / "data", work / "state", work / "tmp", work / "logs")
             wall, peak = measure(argv, env, str(work), ours_cpu)
+            if cold:
+                fleet.end_masters(work / "state")
             ours_t.append(wall)
             rss.append(peak)
             reset(naive_out)
-            naive_t.append(measure(["bash", str(script)], self.env, str(self.root), naive_cpu)[0])
+            naive_t.append(measure(naive_argv, self.env, str(self.root), naive_cpu)[0])
             if with_bare:
                 reset(bare_work, bare_out)
                 bare_t.append(measure([sys.executable, str(REPO / "bench" / "bare.py"), str(bare_file)],
@@ -250,7 +280,7 @@ class Bench:
         total = spec["quick"] if quick else spec["total"]
         if not total:
             return None
-        self._dirs(name)
+        self._dirs(name, self.box.servers)
         for i in range(total):
             s = self.box.servers[i % 3]
             path = Path(s.remote_dir) / name / f"log-{i:06d}.gz"
@@ -265,6 +295,104 @@ class Bench:
             rss.append(peak)
         return {"workload": name, "files": total, "first_run_s": round(first, 2),
                 "ours_s": round(statistics.median(walls), 3), "ours_peak_rss_mb": round(max(rss), 1),
+                "rounds": self.rounds, "target": spec["target"]}
+
+    # --- issue 11, point 17 --------------------------------------------------------------------
+
+    def _fleet(self, corpus, quick):
+        """The fleet's servers and data, made once for fleet and targeted: (box, paths, plain bytes)."""
+        if self.fleet_box is None:
+            spec = WORKLOADS["fleet"]
+            count, files = spec["quick"] if quick else (spec["servers"], spec["files"])
+            # Sandbox puts server N on 127.0.0.(10 + N): 50 servers are 127.0.0.11 to .60.
+            self.fleet_box = sandbox.Sandbox(str(self.root / "fleet-servers"), count=count,
+                                             password_servers=(2,)).start()
+            self.fleet_data = self._generate("fleet", self.fleet_box.servers, corpus, files, spec["size"])
+        return (self.fleet_box, *self.fleet_data)
+
+    def fleet(self, name, spec, corpus, quick):
+        """A cold run over the fleet against the naive script run `parallel` servers at once (xargs -P)."""
+        box, paths, raw = self._fleet(corpus, quick)
+        naive_out = self.root / "naive" / name
+        scripts = [naive_script(box, [_Remote(s, "fleet")], naive_out) for s in box.servers]
+        naive_argv = fleet.parallel_naive(self.root / "naive-fleet", scripts, spec["parallel"])
+        result = self._contest(name, spec, box, box.servers, paths, raw, spec["size"], naive_argv, naive_out,
+                               cold=True)
+        return {**result, "servers": len(box.servers), "parallel": spec["parallel"]}
+
+    def targeted(self, name, spec, corpus, quick):
+        """Cold `doit run extract:srv1` in the fleet's configuration with another server frozen,
+        alternating with the same in a configuration of srv1 alone."""
+        box, paths, _ = self._fleet(corpus, quick)
+        first, still = box.servers[0], box.servers[-1]
+        many = self._ours(name, box.servers, box, subdir="fleet")
+        alone = self._ours(f"{name}-alone", [first], box, subdir="fleet")
+        fleet.keep_only(alone[1]["RELAY_CONFIG_DIR"], {first.name})
+        times = {"many": [], "alone": []}
+        rss = []
+        for _ in range(self.rounds):
+            for kind, (work, env, argv) in (("many", many), ("alone", alone)):
+                reset(work / "data", work / "state", work / "tmp", work / "logs")
+                with fleet.frozen(still) if kind == "many" else contextlib.nullcontext():
+                    wall, peak = measure([*argv, f"extract:{first.name}"], env, str(work))
+                fleet.end_masters(work / "state")
+                times[kind].append(wall)
+                rss.append(peak)
+        outputs = [digest_tree(work / "data" / "extracted") for work, _, _ in (many, alone)]
+        mine = sum(1 for p in paths if p.is_relative_to(first.remote_dir))
+        many_s, alone_s = statistics.median(times["many"]), statistics.median(times["alone"])
+        return {"workload": name, "files": mine, "servers": len(box.servers), "frozen": still.name,
+                "ours_s": round(many_s, 3), "alone_s": round(alone_s, 3), "ratio": round(many_s / alone_s, 3),
+                "ours_peak_rss_mb": round(max(rss), 1),
+                "identical_output": outputs[0] == outputs[1] and len(outputs[0]) == mine,
+                "rounds": self.rounds, "target": spec["target"]}
+
+    def rotation(self, name, spec, corpus, quick):
+        """One server, `files` numbered rotated files processed, then a numbered rotation and a
+        cold run: the bytes rsync moved (its own count and the log's) against the new file's size."""
+        count, size = spec["quick"] if quick else (spec["files"], spec["size"])
+        server = self.box.servers[0]
+        pristine = self.root / "rotation-files"  # n.gz is access.log.n.gz; 0.gz the rotation's new file
+        pristine.mkdir()
+        for n in range(count + 1):
+            corpus.write(str(pristine / f"{n}.gz"), size)
+            stamp = OLD + (count - n) * 86400  # a day apart, as daily rotation leaves them
+            os.utime(pristine / f"{n}.gz", (stamp, stamp))
+        expected = sorted(hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() for p in pristine.iterdir())
+        work, env, argv = self._ours(name, [server])
+        rsync_log, log = self.root / "rsync-rotation.log", work / "logs" / "logpipe-relay.log"
+        env = dict(env, PATH=f"{fleet.rsync_shim(self.root / 'bin')}:{env['PATH']}",
+                   **{fleet.RSYNC_LOG_VAR: str(rsync_log)})
+        remote = Path(server.remote_dir) / name
+        walls, firsts, rss, received, sent, logged = [], [], [], [], [], []
+        for _ in range(self.rounds):
+            self._dirs(name, [server])
+            for n in range(1, count + 1):
+                shutil.copy2(pristine / f"{n}.gz", remote / f"access.log.{n}.gz")
+            fleet.end_masters(work / "state")
+            reset(work / "data", work / "state", work / "tmp", work / "logs")
+            firsts.append(measure(argv, env, str(work))[0])  # the `count` files processed
+            fleet.rotate(remote, "access.log", count, pristine / "0.gz")
+            fleet.end_masters(work / "state")
+            offset = log.stat().st_size
+            rsync_log.unlink(missing_ok=True)
+            wall, peak = measure(argv, env, str(work))
+            walls.append(wall)
+            rss.append(peak)
+            _, out, into = fleet.rsync_bytes(rsync_log)
+            sent.append(out)
+            received.append(into)
+            logged.append(fleet.fetch_log_bytes(log, offset))
+        new_size = (pristine / "0.gz").stat().st_size
+        moved = statistics.median(received)
+        return {"workload": name, "files": count, "compressed_mb": round(new_size * count / 1e6, 1),
+                "new_file_bytes": new_size, "rsync_received_bytes": moved,
+                "rsync_sent_bytes": statistics.median(sent), "moved_over_new": round(moved / new_size, 3),
+                "log_fetched_files": statistics.median(f for f, _ in logged),
+                "log_fetched_bytes": statistics.median(b for _, b in logged),
+                "first_run_s": round(statistics.median(firsts), 3), "ours_s": round(statistics.median(walls), 3),
+                "ours_peak_rss_mb": round(max(rss), 1),
+                "identical_output": sorted(digest_tree(work / "data" / "extracted").values()) == expected,
                 "rounds": self.rounds, "target": spec["target"]}
 
 
@@ -282,7 +410,7 @@ def table(results):
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(f"{r['workload']:<10} {r['files']:>6} {r.get('extracted_mb', ''):>8} "
-                    f"{r.get('compression_ratio', ''):>5} {r['ours_s']:>8} {r.get('naive_s', ''):>8} "
+                    f"{r.get('compression_ratio', ''):>5} {r['ours_s']:>8} {r.get('naive_s', r.get('alone_s', '')):>8} "
                     f"{r.get('ratio', ''):>6} {r['ours_peak_rss_mb']:>7} {r.get('ours_mb_per_s', ''):>7} "
                     f"{r.get('ours_files_per_s', ''):>8} {str(r.get('identical_output', '')):>5}  {r['target']}")
     return "\n".join(rows)
@@ -302,14 +430,20 @@ def main():
     if os.geteuid() != 0:
         sys.exit("the benchmark starts sshd servers and needs root")
     chosen = [w for w in WORKLOADS if not args.only or w in args.only.split(",")]
+    unknown = set(args.only.split(",")) - set(WORKLOADS) - {""}
+    if unknown:
+        sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}; known: {', '.join(WORKLOADS)}")
+    # A SIGTERM then unwinds like Ctrl-C: a frozen server is resumed and every server stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench(args.rounds or (1 if args.quick else 3), bare=args.bare)
     results = []
     try:
         corpus = Corpus(args.seed)
         for name in chosen:
             spec = WORKLOADS[name]
+            runner = {"fleet": bench.fleet, "targeted": bench.targeted, "rotation": bench.rotation}.get(name)
             result = bench.noop(name, spec, args.quick) if name.startswith("noop") else \
-                bench.compare(name, spec, corpus, args.quick)
+                (runner or bench.compare)(name, spec, corpus, args.quick)
             if result:
                 results.append(result)
                 if not args.json:
@@ -325,6 +459,17 @@ def main():
                       f"{r['ours_machine_cpu_s']} s, naive {r['naive_machine_cpu_s']} s")
             if "bare_s" in r:
                 print(f"{r['workload']}: bare pipeline (bench/bare.py) {r['bare_s']} s = {r['bare_ratio']} x naive")
+            if r["workload"] == "fleet":
+                print(f"fleet: {r['servers']} servers, cold; the naive script runs {r['parallel']} servers at once")
+            if r["workload"] == "targeted":
+                print(f"targeted: extract:srv1 among {r['servers']} servers ({r['frozen']} frozen) {r['ours_s']} s, "
+                      f"srv1 alone {r['alone_s']} s (the 'naive s' column): ratio {r['ratio']}")
+            if r["workload"] == "rotation":
+                print(f"rotation: after the rotation rsync received {r['rsync_received_bytes']} bytes (sent "
+                      f"{r['rsync_sent_bytes']}) for a new file of {r['new_file_bytes']} bytes: "
+                      f"{r['moved_over_new']} x; the log says {r['log_fetched_files']} file(s), "
+                      f"{r['log_fetched_bytes']} bytes fetched; the first run ({r['files']} files) took "
+                      f"{r['first_run_s']} s")
     bad = [r["workload"] for r in results if r.get("identical_output") is False]
     if bad:
         sys.exit(f"extracted output differs from the naive script's for: {', '.join(bad)}")
