@@ -73,8 +73,9 @@ class Children:
         # TERM, not KILL: our direct child is coreutils timeout, which passes TERM on to its whole
         # process group (rsync and its ssh) and sends KILL 5 s later; a KILLed timeout would orphan them.
         self._death_signal = death_signal
-        # Resolved here, in the parent: a dlsym in the forked child could wait forever for the dynamic
-        # loader's lock, held at fork time by another thread (loading an extension module, say).
+        # Resolved here, in the parent, never in the forked child: a dlsym there would read the dynamic
+        # loader's tables, which another thread may have been changing at fork time (glibc merely
+        # resets the loader's lock in the child).
         self._prctl = _libc_prctl()
 
     @property
@@ -94,6 +95,10 @@ class Children:
 
     def preexec(self):
         """The function sh runs in the forked child before exec: death_signal when the forking thread ends."""
+        # The kernel sends it when the *thread* that forked ends, not the process: a command must not
+        # outlive the thread that started it. _run waits for its command, so that holds for the
+        # engine's long-lived workers; code that left a command running and let its thread end would
+        # see it killed. (ssh's background ControlMaster is a fork of ssh: the setting is not inherited.)
         prctl, sig, parent = self._prctl, self._death_signal, os.getpid()
         if prctl is None:
             return None
@@ -165,6 +170,25 @@ def _too_slow(tool, server, deadline):
                              "(SSH_DEADLINE); the peer may be dead", server=server.name)
 
 
+# Why starting a command cannot deadlock while other threads run (issue 11, point 14). sh forks and
+# runs Python in the child before exec; only the forking thread exists there, and a lock another
+# thread held at fork time stays held forever, so the child must take no such lock. It takes none:
+# - os.fork() runs with the GIL held, so no other thread was inside Python or pymalloc at that
+#   instant; the child's CPython reinitialises the GIL, the import lock (taken just before the
+#   fork) and threading's locks; logging's at-fork hook takes its module lock before the fork and
+#   gives every handler a fresh lock in the child; glibc's fork() holds malloc's arena locks across
+#   it, so malloc works in the child whatever other threads were doing.
+# - sh's child branch (sh/__init__.py, after os.fork) only makes system calls (fcntl, sigaction,
+#   setpgid, dup2, close, listdir of /dev/fd, execve) and small allocations: no logging, no
+#   import, no sh lock; sh also disables the gc around the fork, so no collection runs
+#   finalizers there. Its error path formats a traceback into a pipe (sys.stderr only if that fails).
+# - our preexec (Children.preexec) is one prctl through a ctypes function resolved before the fork
+#   (no dlsym in the child) and a getppid.
+# One way in stays open: CPython frees the other threads' thread-state dicts in the child, running
+# the finalizers of what only a threading.local held. So no thread of a run may keep in a
+# threading.local an object whose finalizer takes a lock (a sqlite connection, a file being
+# written); none does. tests/test_remote.py starts hundreds of commands from 8 threads while others
+# log, allocate, import and dlopen.
 def _spawn(children, server, argv, **kwargs):
     """Start `argv` with sh in the background, in a process group of its own that dies with this thread."""
     children.check()

@@ -331,3 +331,60 @@ def test_a_killed_run_takes_its_ssh_and_rsync_with_it(env, name):
         helper.kill()
         helper.wait(10)
         remote.Connection(settings, settings.server(server), env.environ()).close()
+
+
+# --- starting commands from many threads ------------------------------------------------------
+
+STRESS = """
+import ctypes, faulthandler, importlib, logging, os, sys, threading, time
+from relay import remote
+from relay.config import Server
+server = Server(name="local", host="127.0.0.1", user="u", remote_paths=("/x/*.gz",))
+children = remote.Children()
+# DEBUG: sh logs every command too, through the same handler and its lock
+logging.basicConfig(filename=sys.argv[1], level=logging.DEBUG, format="%(threadName)s %(message)s")
+quiet = threading.Event()
+failures = []
+
+def commands(n):
+    for i in range(30):
+        argv = ["echo", f"{n} {i}"] if i % 2 else ["true"]
+        code, out, _ = remote._run(server, argv, deadline=30, children=children)
+        if code != 0 or out != (f"{n} {i}\\n".encode() if i % 2 else b""):
+            failures.append((n, i, code, out))
+
+def noise(n):
+    log, junk = logging.getLogger(f"noise{n}"), []
+    while not quiet.is_set():
+        log.info("noise %d %s", n, "x" * 300)
+        junk.append([{"k": str(j), "v": b"y" * j} for j in range(300)])
+        del junk[:-20]
+        if n == 0:  # the import lock and the dynamic loader's lock, taken and given back all the time
+            sys.modules.pop("colorsys", None)
+            importlib.import_module("colorsys")
+            ctypes.CDLL("libm.so.6")
+
+workers = [threading.Thread(target=commands, args=(n,), name=f"commands{n}") for n in range(8)]
+others = [threading.Thread(target=noise, args=(n,), name=f"noise{n}") for n in range(4)]
+for thread in others + workers:
+    thread.start()
+deadline = time.monotonic() + float(sys.argv[2])
+for thread in workers:
+    thread.join(max(0.0, deadline - time.monotonic()))
+quiet.set()
+for thread in others:
+    thread.join(10)
+if any(t.is_alive() for t in workers + others):
+    print("STUCK", flush=True)
+    faulthandler.dump_traceback()
+    os._exit(3)  # not sys.exit: it would wait for the stuck threads
+print("done", len(failures), failures[:3], children.live(), flush=True)
+"""
+
+
+def test_many_threads_start_commands_while_others_log_allocate_and_import(tmp_path):
+    # In a process of its own with a timeout: a deadlock fails the test instead of hanging it.
+    proc = subprocess.run([sys.executable, "-c", STRESS, str(tmp_path / "log"), "90"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0 and proc.stdout == "done 0 [] []\n", (proc.stdout, proc.stderr[-3000:])
+    assert (tmp_path / "log").read_text().count("noise") > 100  # the others did run meanwhile
