@@ -11,7 +11,8 @@ file".
 once, no line is there twice, and no line is there that was never written. Lines still in files that
 are not compressed yet (the live log, a `delaycompress` `.1`) need not be there yet.
 
-`RelayLog` reads the JSON log of the runs since a mark: what the fetches moved.
+`RelayLog` reads the JSON log of the runs since a mark: what the fetches moved. `assert_settled`: the
+invariant on every server, nothing left in incoming/, and a follow-up run that fetches nothing.
 """
 
 import gzip
@@ -211,3 +212,28 @@ class RelayLog:
     def fetched_bytes(self):
         """Bytes the fetches since the mark moved."""
         return sum(e["bytes"] for e in self.fetches())
+
+
+def run_ok(env, context):
+    """One plain `doit run` (conftest's Env) that must exit 0."""
+    proc = env.doit("run")
+    assert proc.returncode == 0, f"{context}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def assert_settled(env, rotators, context):
+    """Nothing is stuck: the invariant holds for each server of `rotators` ({server: [LogRotator]}),
+    DATA_ROOT/incoming/ is empty, `doit list --all` shows no file's task (no work due, none parked),
+    and a follow-up plain run exits 0, fetches nothing and changes nothing in extracted/."""
+    for server, rots in rotators.items():
+        check_extracted(env.data, server, rots, context)
+    left = files_under(env.data / "incoming")
+    assert not left, f"{context}: left in incoming/: {sorted(left)}"
+    listed = env.doit("list", "--all")
+    due = [line for line in listed.stdout.splitlines() if line.startswith("extract:") and "/" in line.split()[0]]
+    assert listed.returncode == 0 and not due, f"{context}: `doit list --all` exit {listed.returncode}, due: {due}"
+    extracted = files_under(env.data / "extracted")
+    log = RelayLog(env.work / "logs").mark()
+    run_ok(env, f"{context}; the follow-up run")
+    assert log.fetched_bytes() == 0, f"{context}; the follow-up run fetched {log.fetches()}"
+    assert files_under(env.data / "extracted") == extracted, f"{context}; the follow-up run changed extracted/"
