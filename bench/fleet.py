@@ -4,6 +4,7 @@ byte count, the log's, and a numbered rotation. Nothing here depends on bench/ru
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
@@ -11,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-from relay.sshargs import control_dir  # noqa: E402
 
 # The environment variable the rsync shim reads: where rsync's client writes its own log.
 RSYNC_LOG_VAR = "RELAY_BENCH_RSYNC_LOG"
@@ -41,12 +42,22 @@ def parallel_naive(directory, scripts, parallel):
 def end_masters(state_dir):
     """Ask every ssh ControlMaster of the runs that used `state_dir` to exit, and remove their
     sockets: the next run then starts cold, as after SSH_CONTROL_PERSIST idle seconds."""
-    sockets = control_dir(str(state_dir))
-    for sock in glob.glob(os.path.join(sockets, "*")):
-        # The host argument is not used: with -O the ssh client only talks to the socket.
-        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "bench"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
-    shutil.rmtree(sockets, ignore_errors=True)
+    for sockets in _socket_dirs(str(state_dir)):
+        for sock in glob.glob(os.path.join(sockets, "*")):
+            # The host argument is not used: with -O the ssh client only talks to the socket.
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "bench"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _socket_dirs(state_dir):
+    try:
+        from relay.sshargs import control_dir
+    except ImportError:  # the engine is being rebuilt: its places as of this writing
+        digest = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+        return [os.path.join(state_dir, "ssh"),
+                os.path.join(tempfile.gettempdir(), f"logpipe-relay-{os.getuid()}-{digest}")]
+    return [control_dir(state_dir)]
 
 
 @contextlib.contextmanager
@@ -55,9 +66,21 @@ def frozen(server):
     whatever happens in it."""
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
+        _wait_state(server.proc.pid, "T")  # stopped for sure before the run starts
         yield server
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def _wait_state(pid, state, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == state:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not reach state {state}")
+        time.sleep(0.005)
 
 
 def keep_only(conf_dir, names):
