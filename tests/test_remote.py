@@ -318,9 +318,12 @@ def test_a_killed_run_takes_its_ssh_and_rsync_with_it(env, name):
     server = "srv2" if name == "local" else name
     helper = subprocess.Popen([sys.executable, "-c", HELPER, str(env.conf), server,
                                json.dumps(slow_command(settings, name))],
-                              cwd=str(REPO), env=env.environ(), stdout=subprocess.PIPE, text=True)
+                              cwd=str(REPO), env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     try:
-        group = int(helper.stdout.readline())
+        line = helper.stdout.readline()
+        assert line, f"the helper ended before its command started: {helper.stderr.read()[-2000:]}"
+        group = int(line)
         leaf = "sleep" if name == "local" else "ssh"
         wait_until(lambda: {"timeout", leaf} <= names(tree(group)), 10, f"timeout and {leaf} running")
         procs = tree(group)
