@@ -134,7 +134,7 @@ class Simulation:
             self._wait(proc, until=time.monotonic() + delay)
             if proc.poll() is None:
                 cut.start()
-            code = self._wait(proc, until=time.monotonic() + RUN_TIMEOUT)
+            code = self._wait(proc, until=time.monotonic() + RUN_TIMEOUT, last=True)
         finally:
             cut.restore()
         assert code in (0, 1), self.context(f"a run with {name} cut off exited {code}\n{out.read_text()}")
@@ -164,11 +164,15 @@ class Simulation:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         return proc, out
 
-    def _wait(self, proc, until):
-        """Wait for the run to end or the deadline `until` (monotonic); its exit code or None."""
+    def _wait(self, proc, until, last=False):
+        """Wait for the run to end or the deadline `until` (monotonic); its exit code or None. With
+        `last`, a run still going at the deadline is killed (its group) rather than left behind."""
         try:
             return proc.wait(timeout=max(0.0, until - time.monotonic()))
         except subprocess.TimeoutExpired:
+            if last:
+                _signal_all(sb._descendants(proc.pid) + [proc.pid], signal.SIGKILL)
+                proc.wait()
             return None
 
     def _interrupted(self, delay, sig, tree):
@@ -178,11 +182,14 @@ class Simulation:
         if code is None:
             if tree:  # as systemd stops a unit: the run's process group and everything it started
                 descendants = sb._descendants(proc.pid)
-                os.killpg(proc.pid, sig)
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
                 _signal_all(descendants, sig)
             else:  # as `kill PID` does: the run's own process (rsync and ssh live on in their groups)
                 _signal_all([proc.pid], sig)
-            code = self._wait(proc, until=time.monotonic() + RUN_TIMEOUT)
+            code = self._wait(proc, until=time.monotonic() + RUN_TIMEOUT, last=True)
             assert code is not None, self.context(f"the run did not end within {RUN_TIMEOUT}s of {sig!r}")
             return f"exit {code}"
         assert code == 0, self.context(f"a run exited {code} before the fault\n{out.read_text()}")
