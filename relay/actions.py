@@ -1,6 +1,8 @@
 """The actions doit calls: each stage of a server, one file, a parked file; and the run summary."""
 
 import concurrent.futures
+import functools
+import os
 
 from doit.exceptions import TaskFailed
 
@@ -17,13 +19,12 @@ RECOVER_HINT = {
 
 def _guarded(fn):
     """An action that turns expected failures (RelayError) into one-line task failures."""
-    def action(*args):
+    @functools.wraps(fn)  # doit reads the signature (through __wrapped__) to pass task parameters
+    def action(*args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except RelayError as exc:
             return TaskFailed(logs.printable(str(exc)))
-    action.__name__ = action.__qualname__ = fn.__name__
-    action.__doc__ = fn.__doc__
     return action
 
 
@@ -35,9 +36,16 @@ def list_action(run, server):
 
 
 @_guarded
-def fetch_action(run, server):
-    """`fetch:<server>`: fetch the server's due files."""
-    return engine.fetch_server(run, server)
+def fetch_action(run, server, only=""):
+    """`fetch:<server>`: fetch the server's due files (`--only NAME`: just that one)."""
+    if not only:
+        return engine.fetch_server(run, server)
+    plan = run.plans.get(server)
+    due = {label(os.path.basename(r.remote_path)): r for r in plan.due if r.status == PENDING} if plan else {}
+    if only not in due:
+        return TaskFailed(f"{server}: no file called {only!r} is due for fetching "
+                          f"(due: {', '.join(sorted(due)) or 'none'}); see `doit list --all`")
+    return engine.fetch_server(run, server, [due[only]])
 
 
 @_guarded
@@ -74,7 +82,7 @@ def _extract_all(run, records):
 def summary(run, server):
     """Log and print the server's run summary; a TaskFailed if it parked a file, left one due, or failed to list."""
     changed = run.ledger.changed_in_run(server)
-    parked_now = [r for r in changed if r.status == ERROR]
+    parked_now = [r for r in changed if r.status == ERROR and r.parked_by == run.run_id]
     processed = [r for r in changed if r.status == PROCESSED and not r.duplicate_of]
     duplicates = sum(1 for r in changed if r.status == PROCESSED and r.duplicate_of)
     still_parked = len(run.store.parked(server))
@@ -96,38 +104,60 @@ def summary(run, server):
 
 
 @_guarded
-def file_action(run, server, key):
-    """`extract:<server>/<file>`: bring one due or recovered file through every stage left."""
+def file_action(run, server, key, dropped=None):
+    """`extract:<server>/<file>`: bring one file through every stage left, whatever its version now
+    (a remote file is listed again first); a parked file is retried: naming its task asks for that.
+    `dropped`: the Record of a hand drop the store does not know yet."""
     run.start()
-    rec = run.ledger.record(key)
-    if rec is None or rec.status in (PROCESSED, SUPERSEDED):
-        return {"seen": key}
-    if rec.status == ERROR:
-        if not rec.parked_seen:
-            # First seen since it was parked: doit now remembers this task; `doit forget` of it retries.
-            run.ledger.change(rec, parked_seen=True)
-            run.ledger.flush()
-            return {"seen": key}
-        engine.unpark(run, rec)
-    if rec.status == PENDING:
-        engine.fetch_server(run, server, [rec])
-    if rec.status == COPIED:
-        _extract_all(run, [rec])
+    rec = run.ledger.record(key) or (run.ledger.adopt([dropped])[0] if dropped is not None else None)
+    if rec is None:
+        return True
+    if rec.origin == "remote":
+        plan = run.plans.get(server) or engine.list_server(run, server)
+        todo = [r for r in plan.due + plan.parked if r.remote_path == rec.remote_path]
+    else:
+        todo = [rec] if rec.status not in (PROCESSED, SUPERSEDED) else []
+    _retry(run, server, todo)
     run.ledger.flush()
-    if rec.status == ERROR:
-        # Failed, so doit does not remember it: running this task again is what retries the file.
-        return TaskFailed(logs.printable(f"{server}: {label(rec.name)} parked in error/{rec.error_kind}/{server}: "
-                                         f"{rec.last_error}\n  fix it, then run this task again "
-                                         f"({RECOVER_HINT[rec.error_kind]})"))
-    if rec.status == PENDING:
-        return TaskFailed(logs.printable(f"{server}: {label(rec.name)} could not be fetched: "
-                                         f"{'; '.join(run.problems.get(server, ())) or 'see the log'}"))
-    return {"seen": key}
+    for rec in todo:
+        if rec.status == ERROR:
+            return TaskFailed(logs.printable(
+                f"{server}: {label(rec.name)} parked in error/{rec.error_kind}/{server}: {rec.last_error}\n"
+                f"  fix it, then run this task again ({RECOVER_HINT[rec.error_kind]})"))
+        if rec.status == PENDING:
+            return TaskFailed(logs.printable(f"{server}: {label(rec.name)} could not be fetched: "
+                                             f"{'; '.join(run.problems.get(server, ())) or 'see the log'}"))
+    return True
 
 
-def recorded(key):
-    """doit `uptodate` of a parked file's task: true while doit remembers running it for this record."""
-    def uptodate(_task, values):
-        return values.get("seen") == key
-    return uptodate
+def _retry(run, server, records):
+    """Unpark `records` (fresh attempt counters) and bring each through the stages left."""
+    for rec in records:
+        if rec.status == ERROR:
+            engine.unpark(run, rec)
+    pending = [r for r in records if r.status == PENDING]
+    if pending:
+        engine.fetch_server(run, server, pending)
+    _extract_all(run, [r for r in records if r.status == COPIED])
 
+
+@_guarded
+def recover_action(run, server, kind):
+    """`recover:<kind>/<server>`: run when doit does not remember it (`doit forget -s recover:…`):
+    every file of `server` parked in error/<kind> goes through the stage that failed again."""
+    run.start()
+    parked = [r for r in run.ledger.adopt(run.store.parked(server)) if r.error_kind == kind and r.status == ERROR]
+    if parked:
+        logs.note(run.log, 20, f"recovering {len(parked)} file(s) from error/{kind}",
+                  {"server": server, "operation": "recover"})
+        _retry(run, server, parked)
+        run.ledger.flush()
+    # Remembered by doit whatever became of the files: one that fails again is parked again (and
+    # said by extract:<server>), not retried at every run.
+    return {"armed": True}
+
+
+def armed(task, values):
+    """doit `uptodate` of a recover task: true while doit remembers having run it."""
+    del task  # doit passes arguments by these names
+    return values.get("armed") is True

@@ -7,12 +7,12 @@ import time
 
 import msgspec
 
-from . import codecs, durable, fetching, logs
+from . import codecs, durable, fetching, layout, logs
 from .errors import ArchiveError, CorruptArchive, RemoteError, SourceChanged, SourceGone
 from .faults import crashpoint
 from .ledger import incoming_path, move_source
-from .planning import Local, filed_name, plan_server
-from .records import COPIED, ERROR, EXTRACTED, PENDING, PROCESSED, SUPERSEDED, attempt, label
+from .planning import filed_name, plan_server
+from .records import COPIED, ERROR, EXTRACTED, PENDING, PROCESSED, SUPERSEDED, label
 from .retry import call_with_retry
 
 
@@ -28,19 +28,10 @@ def emit(run, level, message, rec=None, **fields):
 
 def scan_incoming(run, server):
     """The regular files in incoming/<server>/ (other kinds are said and left alone)."""
-    found = []
-    try:
-        entries = list(os.scandir(run.layout.incoming(server)))
-    except FileNotFoundError:
-        return found
-    for entry in entries:
-        if entry.is_file(follow_symlinks=False):
-            st = entry.stat(follow_symlinks=False)
-            found.append(Local(entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
-        elif run.take_drops:
-            emit(run, 30, f"skipped {label(entry.name)} in incoming/: not a regular file", server=server,
-                 operation="list")
-    return found
+    files, others = layout.scan_incoming(run.layout.incoming(server))
+    for name in others if run.take_drops else ():
+        emit(run, 30, f"skipped {label(name)} in incoming/: not a regular file", server=server, operation="list")
+    return files
 
 
 def _listing(run, server):
@@ -83,6 +74,9 @@ def list_server(run, server_name):
     for skip in plan.skipped:
         emit(run, 20, f"skipped {label(skip.path)}: {skip.reason}", server=server_name, operation="list")
     for rec in ledger.adopt(plan.superseded):
+        if rec.status == ERROR:
+            emit(run, 20, f"parked version superseded: the server now has another version of the file (it is "
+                 f"planned as such); {label(rec.source_path)} is left for you to delete", rec, operation="recover")
         ledger.change(rec, status=SUPERSEDED)
     for rec in plan.due:
         ledger.change(rec)  # recorded as due: `doit list` shows it, `doit run extract:S/FILE` finds it
@@ -154,7 +148,7 @@ def park(run, rec, kind, error):
         durable.move_durably(src, target)
     run.ledger.claim_paths(rec, target)
     run.ledger.change(rec, status=ERROR, error_kind=kind, last_error=logs.printable(message),
-                      source_path=target, parked_seen=False)
+                      source_path=target, parked_by=run.run_id)
     run.ledger.flush()
     emit(run, 40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
 
@@ -170,8 +164,7 @@ def unpark(run, rec):
     elif os.path.exists(rec.source_path):
         durable.move_durably(rec.source_path, incoming_path(run.settings.data_root, rec))
     emit(run, 20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
-    run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts,
-                      parked_seen=False)
+    run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts)
     return rec
 
 
@@ -198,7 +191,7 @@ def _extract(run, rec):
     started = time.monotonic()
 
     def once():
-        attempt(rec, "extract")
+        run.ledger.attempt(rec, "extract")
         return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes,
                               expect=expect)
 
@@ -277,7 +270,7 @@ def _place(run, rec, tmp, result, started):
         ledger.claim_paths(rec, target, source)
         due = ledger.change(rec, nbytes=result.size, status=EXTRACTED, extracted_path=target,
                             extracted_size=result.size, extracted_sha256=result.out_sha256, source_path=source)
-        emit(run, 10, "extracted", rec, operation="extract", bytes=result.size,
+        emit(run, 20, "extracted", rec, operation="extract", bytes=result.size,
              duration_ms=round((time.monotonic() - started) * 1000, 1))
     if due:
         ledger.flush()

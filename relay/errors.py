@@ -78,5 +78,9 @@ class CorruptArchive(RelayError):
     kind = "corrupt"
 
 
+class StateCorrupt(RelayError):
+    """STATE_DIR/state.db cannot be read as our database: a one-line error, never a silent reset."""
+
+
 class RunInterrupted(RelayError):
     """The run is stopping (Ctrl-C, SIGTERM): its ssh and rsync were ended and no new one starts."""

@@ -11,7 +11,7 @@ import time
 from . import logs
 from .errors import RemoteError, RemoteFileMissing
 from .faults import crashpoint
-from .records import COPIED, SUPERSEDED, attempt, label
+from .records import COPIED, SUPERSEDED, label
 from .retry import call_with_retry
 
 
@@ -105,7 +105,7 @@ class _Batch:
     def attempt(self):
         self.run.check_stop()
         for rec in self.waiting.values():
-            attempt(rec, "fetch")
+            self.run.ledger.attempt(rec, "fetch")
         try:
             self.run.connections[self.server].fetch(self.remote_dir, sorted(self.waiting), self.staging,
                                                     on_file=self.on_report)

@@ -3,7 +3,24 @@
 import functools
 import os
 
-ERROR_KINDS = ("copy", "extract", "quarantine")
+from .planning import Local
+from .records import ERROR_KINDS
+
+
+def scan_incoming(directory):
+    """(Local of each regular file, names of everything else) in an incoming/<server>/ directory."""
+    files, others = [], []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return files, others
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            files.append(Local(entry.name, st.st_size, f"{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d}"))
+        else:
+            others.append(entry.name)
+    return files, others
 
 
 class Layout:

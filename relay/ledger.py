@@ -92,12 +92,11 @@ class Ledger:
             return self._contents.get((server, sha256)) or self.store.content_owner(server, sha256)
 
     def path_taken(self, rec, path):
-        """Whether another record owns `path` (in this run or before), or another file is there."""
+        """Whether another record owns `path` (in this run or before)."""
+        # A file nobody owns there is what a run killed before its transaction left: ours to replace.
         with self._lock:
             owner = self._paths.get((rec.server, path)) or self.store.path_owner(rec.server, path)
-            if owner is not None:
-                return owner != rec.key
-            return os.path.lexists(path)
+            return owner is not None and owner != rec.key
 
     def claim_paths(self, rec, *paths):
         """Claim `paths` under the data tree for `rec`."""
@@ -119,6 +118,13 @@ class Ledger:
             self._bytes += nbytes
             return (len(self._dirty) >= FLUSH_RECORDS or self._bytes >= FLUSH_BYTES
                     or time.monotonic() - self._last_flush >= FLUSH_SECONDS)
+
+    def attempt(self, rec, stage):
+        """Count one attempt of `stage` on `rec`; return the count."""
+        with self._lock:
+            count = rec.attempts.get(stage, 0) + 1
+            self.change(rec, attempts={**rec.attempts, stage: count})
+            return count
 
     def flush(self):
         """Make the batch durable, in this order: the data tree (one syncfs), then the records in one
@@ -144,10 +150,12 @@ class Ledger:
                     rec.status = EXTRACTED
                 self._dirty.update({r.key: r for r in batch})
                 raise
-            crashpoint("commit")
+            if finished:
+                crashpoint("commit")
             for rec in finished:
                 move_source(rec, sources[rec.key], self.data_root)
-            crashpoint("place-source")
+            if finished:
+                crashpoint("place-source")
 
 
 def incoming_path(data_root, rec):

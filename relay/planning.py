@@ -109,10 +109,11 @@ class _Planner:
             self.plan.due.append(rec)  # its copy is in incoming/ already
             return
         base = os.path.basename(rec.remote_path)
-        local = self.incoming.get(base)
-        if local is not None and base not in self.claimed and _copy_matches(local, rec):
-            rec.status, rec.local_name = COPIED, base  # fetched by a run that stopped before recording it
-            self.claimed.add(base)
+        landed = [n for n in dict.fromkeys([rec.local_name, base]) if n and n not in self.claimed
+                  and _copy_matches(self.incoming.get(n), rec)]
+        if landed:
+            rec.status, rec.local_name = COPIED, landed[0]  # fetched by a run that stopped before recording it
+            self.claimed.add(landed[0])
         else:
             rec.status = PENDING
             # Never over a file already in incoming/ (a hand drop) or another due file's name.
@@ -125,10 +126,13 @@ class _Planner:
         self.names.add(rec.local_name)
         self.plan.due.append(rec)
 
-    def leftovers(self, listed_ok):
-        """Unfinished records not listed now: local copies go on; the rest wait or are superseded."""
+    def leftovers(self, listed_ok, listed_paths):
+        """Unfinished records not listed now: local copies go on; the rest wait or are superseded (a
+        parked version whose path now holds another one too: that file changed on the server)."""
         for rec in self.unfinished.values():
-            if rec.status == ERROR:
+            if rec.status == ERROR and rec.origin == "remote" and rec.remote_path in listed_paths:
+                self.plan.superseded.append(rec)
+            elif rec.status == ERROR:
                 self.plan.parked.append(rec)
             elif rec.local_name in self.claimed and rec.status == COPIED:
                 self.plan.due.append(rec)
@@ -167,10 +171,9 @@ def plan_server(server, *, entries, incoming, known, unfinished, processed_named
     `processed_named`: name in incoming/ -> processed Records whose copy had that name."""
     planner = _Planner(server, known, unfinished, incoming, now, min_age)
     planner.resume_local_copies()
-    if entries is not None:
-        planner.listed(entries)
+    listed_paths = planner.listed(entries) if entries is not None else set()
     planner.plan.listed = entries is not None
-    planner.leftovers(entries is not None)
+    planner.leftovers(entries is not None, listed_paths)
     planner.drops(processed_named, take_drops)
     return planner.plan
 

@@ -31,7 +31,7 @@ class Record(msgspec.Struct, kw_only=True):
     duplicate_of: str = ""  # key of the record whose content this is
     error_kind: str = ""  # copy | extract | quarantine
     last_error: str = ""
-    parked_seen: bool = False  # doit has seen its task since it was parked (see relay.tasks)
+    parked_by: str = ""  # the run that parked it
     attempts: dict[str, int] = {}
     extracted_path: str = ""
     extracted_size: int = -1
@@ -72,9 +72,3 @@ def label(name):
     if "\\" in name:
         text = os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
-
-
-def attempt(rec, stage):
-    """Count one attempt of `stage` on `rec`; return the count."""
-    rec.attempts = {**rec.attempts, stage: rec.attempts.get(stage, 0) + 1}
-    return rec.attempts[stage]

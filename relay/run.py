@@ -10,17 +10,16 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
 
 from . import durable, logs
-from . import errors
-from .errors import LockHeld, StateWriteError
+from .errors import ConfigError, LockHeld, RunInterrupted, StateCorrupt, StateWriteError
 from .layout import Layout
 from .ledger import Ledger
-from . import remote
-from .remote import Connection
+from .remote import Children, Connection
 from .store import Store
 
 # Free space a run wants on STATE_DIR's filesystem before it starts: its database and doit's.
@@ -57,19 +56,29 @@ class Run:
             if self.started_at is not None:
                 return self
             if self.stopping.is_set():
-                raise errors.RunInterrupted("the run was stopped before it started")
+                raise RunInterrupted("the run was stopped before it started")
             settings = self.settings
-            self._acquire_lock()
-            check_state_space(settings.state_dir)
-            logs.setup(settings.log_dir, settings.log_format, settings.log_level)
-            self.store = Store(settings.state_dir)
+            try:
+                make_directories(settings)
+                self._acquire_lock()
+                check_state_space(settings.state_dir)
+                logs.setup(settings.log_dir, settings.log_format, settings.log_level)
+                self.store = Store(settings.state_dir)
+            except (ConfigError, LockHeld, StateWriteError, StateCorrupt) as exc:
+                # Nothing was begun by anyone (no other action can start without the lock): end the
+                # process now with doit's user-error status, as a configuration error does, rather
+                # than one failed task per server and doit's "unmet dependency" errors after them.
+                self.release_lock()
+                sys.stderr.write(f"ERROR: {logs.printable(str(exc))}\n")
+                sys.stderr.flush()
+                os._exit(3)
             imported = self.store.import_legacy(settings.state_dir)
             if imported:
                 self.log.info(f"imported {imported} record(s) from {settings.state_dir}/records/ into the "
                               "state database (that directory is no longer read)", extra={"operation": "state"})
             self.ledger = Ledger(self.store, self.run_id, settings.data_root, settings.delete_source)
             self.layout.make_tree(s.name for s in settings.enabled_servers)
-            self.children = remote.Children()
+            self.children = Children()
             self.connections = {s.name: Connection(settings, s, self.environ, children=self.children)
                                 for s in settings.servers}
             self._server_slots = {s.name: threading.BoundedSemaphore(settings.max_per_server)
@@ -106,7 +115,7 @@ class Run:
     def check_stop(self):
         """Raise RunInterrupted once a stop was asked for."""
         if self.stopping.is_set():
-            raise errors.RunInterrupted("stopped by a signal")
+            raise RunInterrupted("stopped by a signal")
 
     # --- end -----------------------------------------------------------------------------------
 
@@ -122,7 +131,7 @@ class Run:
             self.store.close()
             self.store = None
             self.release_lock()
-            getattr(logs, "shutdown", lambda: None)()
+            logs.shutdown()
 
     def release_lock(self):
         """Let another run start."""
@@ -152,8 +161,18 @@ class Run:
                            extra={"operation": "state", "error": str(exc)})
         finally:
             self.release_lock()
-            getattr(logs, "shutdown", lambda: None)()
+            logs.shutdown()
             os._exit(128 + signum)
+
+
+def make_directories(settings):
+    """Create STATE_DIR, LOG_DIR and TMP_DIR if missing; a ConfigError naming the key if one cannot be."""
+    for key, path in (("STATE_DIR", settings.state_dir), ("LOG_DIR", settings.log_dir), ("TMP_DIR", settings.tmp_dir)):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{settings.config_dir}/.env: {key}: {path}: cannot create it ({exc.strerror}); "
+                              f"create it, or point {key} somewhere writable") from None
 
 
 def install_signals(run):
@@ -187,17 +206,19 @@ def sweep(run):
     removed = 0
     fetch_root = os.path.join(settings.tmp_dir, "fetch")
     for dirpath, dirnames, files in os.walk(fetch_root):
-        if dirpath != fetch_root:  # TMP_DIR/fetch/<server>/batch-*: all of it
+        if dirpath != fetch_root:  # TMP_DIR/fetch/<server>/: its batch-* landing directories, whole
             for name in dirnames:
-                shutil.rmtree(os.path.join(dirpath, name), onerror=_ignore_vanished)
-            removed += len(dirnames) + sum(_unlink(os.path.join(dirpath, f)) for f in files)
+                landing = os.path.join(dirpath, name)
+                removed += sum(len(names) for _, _, names in os.walk(landing))
+                shutil.rmtree(landing, onerror=_ignore_vanished)
+            removed += sum(_unlink(os.path.join(dirpath, f)) for f in files)
             dirnames[:] = []
     for root, stale in ((os.path.join(settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
                         (os.path.join(settings.data_root, "error"), lambda n: n.startswith(".tmp-"))):
         for dirpath, _, files in os.walk(root):
             removed += sum(_unlink(os.path.join(dirpath, f)) for f in files if stale(f))
     if removed:
-        run.log.info(f"swept {removed} temp file(s) or landing directories left by an interrupted run",
+        run.log.info(f"swept {removed} temp file(s) left by an interrupted run",
                      extra={"operation": "sweep"})
 
 

@@ -9,7 +9,8 @@ from doit.exceptions import InvalidDodoFile
 from . import actions
 from .config import load_settings
 from .errors import ConfigError, StateCorrupt
-from .records import ERROR, ERROR_KINDS, label
+from .layout import scan_incoming
+from .records import COPIED, ERROR, ERROR_KINDS, Record, label, version_key
 from .run import Run, install_signals
 from .store import Store
 
@@ -47,7 +48,11 @@ def doit_config(run):
     """DOIT_CONFIG for this configuration (doit opens its own database in STATE_DIR for every command,
     so that directory is made if missing: the one thing loading creates)."""
     settings = run.settings
-    os.makedirs(settings.state_dir, exist_ok=True)
+    try:
+        os.makedirs(settings.state_dir, exist_ok=True)
+    except OSError as exc:
+        raise InvalidDodoFile(f"{settings.config_dir}/.env: STATE_DIR: {settings.state_dir}: cannot create it "
+                              f"({exc.strerror}); create it, or point STATE_DIR somewhere writable") from None
     servers = len(settings.enabled_servers)
     threads = 1 if settings.max_per_server == 1 and settings.max_workers == 1 else min(MAX_SERVERS_AT_ONCE, servers)
     return {
@@ -61,7 +66,8 @@ def doit_config(run):
 
 
 class Known:
-    """The unfinished records of each server as the store holds them now (read-only), with task labels."""
+    """The unfinished records of each server as the store holds them now, and the files dropped in
+    its incoming/ that no record names yet (read-only), with task labels."""
 
     def __init__(self, run):
         self.records = {}
@@ -71,18 +77,27 @@ class Known:
             raise InvalidDodoFile(str(exc)) from None
         try:
             for server in run.settings.enabled_servers:
-                self.records[server.name] = _labelled(store.unfinished(server.name))
+                records = store.unfinished(server.name)
+                if run.take_drops:
+                    records += _drops(run, server.name, {r.local_name for r in records})
+                self.records[server.name] = _labelled(records)
         finally:
             store.close()
 
 
+def _drops(run, server, named):
+    """Records for the files in incoming/<server>/ that `named` does not cover (not stored)."""
+    files, _ = scan_incoming(run.layout.incoming(server))
+    return [Record(key=version_key(server, "local", f.name, f.size, f.mtime), server=server, origin="local",
+                   local_name=f.name, size=f.size, mtime=f.mtime, status=COPIED) for f in files if f.name not in named]
+
+
 def _labelled(records):
-    """(task label, record) pairs: the file's name, with `~<key8>` where two records share one."""
-    counts = {}
-    for rec in records:
-        counts[label(rec.name)] = counts.get(label(rec.name), 0) + 1
-    return [(label(r.name) if counts[label(r.name)] == 1 else f"{label(r.name)}~{r.key[:8]}", r)
-            for r in sorted(records, key=lambda r: r.key)]
+    """(task label, record) pairs: the file's base name, with `~<key8>` where two records share one."""
+    names = [label(os.path.basename(r.remote_path) if r.remote_path else r.local_name) for r in records]
+    counts = {name: names.count(name) for name in names}
+    pairs = [(name if counts[name] == 1 else f"{name}~{r.key[:8]}", r) for name, r in zip(names, records)]
+    return sorted(pairs, key=lambda pair: pair[0])
 
 
 def plan_tasks(run):
@@ -97,40 +112,42 @@ def fetch_tasks(run):
     for server in run.settings.enabled_servers:
         yield {"name": server.name, "actions": [(actions.fetch_action, [run, server.name])],
                "task_dep": [f"plan:{server.name}"], "uptodate": [False], "io": NO_CAPTURE,
-               "doc": f"fetch the files due on {server.name}"}
+               "doc": f"fetch the files due on {server.name} (--only FILE: just that one)",
+               "params": [{"name": "only", "long": "only", "default": "",
+                           "help": "fetch only this file (its name as `doit list --all` shows it)"}]}
 
 
 def extract_tasks(run, known):
     """`extract:<server>` (everything for one server, then its summary) and `extract:<server>/<file>`
-    for each file known to be due or parked."""
+    for each file known to be due or parked (running it is doing, or retrying, that file alone)."""
     for server in run.settings.enabled_servers:
-        parked = []
         for name, rec in known.records.get(server.name, ()):
-            task = {"name": f"{server.name}/{name}", "actions": [(actions.file_action, [run, server.name, rec.key])],
-                    "io": NO_CAPTURE, "uptodate": [False], "doc": f"verify, extract and file {server.name}:{name}"}
-            if rec.status == ERROR:
-                # Up to date while doit remembers having seen it parked: `doit forget` sends it through again.
-                task["uptodate"] = [actions.recorded(rec.key)]
-                task["doc"] = f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]
-                parked.append(f"extract:{server.name}/{name}")
-            yield task
+            doc = f"parked in error/{rec.error_kind}: {rec.last_error}"[:200] if rec.status == ERROR else \
+                f"verify, extract and file {server.name}:{name}"
+            yield {"name": f"{server.name}/{name}",
+                   "actions": [(actions.file_action, [run, server.name, rec.key, rec if rec.origin == "local" else None])],
+                   "io": NO_CAPTURE, "uptodate": [False], "doc": doc}
         yield {"name": server.name, "actions": [(actions.extract_action, [run, server.name])],
-               "task_dep": [*parked, f"fetch:{server.name}"], "uptodate": [False], "io": NO_CAPTURE,
+               "task_dep": [*(f"recover:{kind}/{server.name}" for kind in ERROR_KINDS), f"fetch:{server.name}"],
+               "uptodate": [False], "io": NO_CAPTURE,
                "doc": f"everything for {server.name}: list, fetch, verify, extract and file"}
 
 
 def recover_tasks(run, known):
-    """`recover:<selector>` groups of parked files, for `doit forget -s recover:<selector> && doit run`."""
+    """`recover:<kind>/<server>`: retries that server's files parked in error/<kind> when doit does not
+    remember running it (`doit forget -s recover:<selector> && doit run`); `recover:<server>`,
+    `recover:<kind>` and `recover:all` group them."""
     groups = {"all": []}
     for server in run.settings.enabled_servers:
-        groups.setdefault(server.name, [])
+        parked = [rec for _, rec in known.records.get(server.name, ()) if rec.status == ERROR]
         for kind in ERROR_KINDS:
-            groups.setdefault(kind, [])
-            groups.setdefault(f"{kind}/{server.name}", [])
-        for name, rec in known.records.get(server.name, ()):
-            if rec.status == ERROR:
-                for selector in ("all", server.name, rec.error_kind, f"{rec.error_kind}/{server.name}"):
-                    groups[selector].append(f"extract:{server.name}/{name}")
+            leaf = f"{kind}/{server.name}"
+            count = sum(1 for rec in parked if rec.error_kind == kind)
+            yield {"name": leaf, "actions": [(actions.recover_action, [run, server.name, kind])],
+                   "uptodate": [actions.armed], "io": NO_CAPTURE,
+                   "doc": f"{count} file(s) parked in error/{leaf}; retry with: doit forget -s recover:{leaf} && doit run"}
+            for selector in ("all", server.name, kind):
+                groups.setdefault(selector, []).append(f"recover:{leaf}")
     for selector, deps in groups.items():
         yield {"name": selector, "actions": None, "task_dep": deps,
-               "doc": f"parked files ({selector}); recover with: doit forget -s recover:{selector} && doit run"}
+               "doc": f"parked files ({selector}); retry with: doit forget -s recover:{selector} && doit run"}

@@ -40,7 +40,7 @@ def test_collect_one_file(env):
     env.doit("run", "fetch:srv1", "--only", "one.gz", check=0)
     assert (env.data / "incoming" / "srv1" / "one.gz").exists()
     assert not (env.data / "incoming" / "srv1" / "two.gz").exists()
-    assert env.records("srv1") == []  # a fetched copy needs no record: the next run finds it
+    assert {r["local_name"]: r["status"] for r in env.records("srv1")} == {"one.gz": "copied", "two.gz": "pending"}
     assert env.doit("run", "fetch:srv1", "--only", "nope.gz").returncode == 1
     assert not (env.data / "extracted" / "srv1" / "one").exists()
     env.doit("run", check=0)
@@ -73,14 +73,15 @@ def test_one_file_task_fails_when_it_parks_the_file_and_reruns_it(env):
     """`doit run extract:srv1/FILE` exits 1 if FILE is parked; the same command tries it again."""
     (env.remote("srv1") / "bad.gz").write_bytes(b"not gzip at all")
     env.configure(pipeline={"min_file_age_seconds": 0})
+    env.doit("run", "plan:srv1", check=0)  # listed: doit now has a task for it
     proc = env.doit("run", "extract:srv1/bad.gz")
     assert proc.returncode == 1 and "parked in error/quarantine/srv1" in proc.stdout
     [rec] = env.records("srv1")
     assert rec["status"] == "error" and rec["attempts"]["fetch"] == 1
     put(env, "srv1", "bad.gz", "fixed")  # the operator replaces it on the server
-    env.doit("run", "extract:srv1/bad.gz", check=0)
+    env.doit("run", "extract:srv1/bad.gz", check=0)  # the same command: its new version this time
     assert (env.data / "extracted" / "srv1" / "bad").read_bytes() == data("fixed")
-    assert env.records("srv1")[0]["status"] == "processed"
+    assert [r["status"] for r in env.records("srv1")] == ["processed"]  # the bad version is superseded
 
 
 def test_recover_extract_errors_and_all(env):

@@ -59,13 +59,15 @@ def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
     put(env, "srv1", "a.gz", logs("a"))
     env.doit("run", check=0)
     before = {p: os.stat(p).st_mtime_ns for p in env.data.rglob("*") if p.is_file()}
-    state_before = {p: os.stat(p).st_mtime_ns for p in (env.state / "records").rglob("*.json")}
+    state_before = (env.state / "state.db").read_bytes()
     assert "srv1/a.gz" not in env.doit("list", "--all", check=0).stdout  # finished: not a task
     env.doit("run", check=0)
     after = {p: os.stat(p).st_mtime_ns for p in env.data.rglob("*") if p.is_file()}
     assert after == before
-    assert {p: os.stat(p).st_mtime_ns for p in (env.state / "records").rglob("*.json")} == state_before
+    assert (env.state / "state.db").read_bytes() == state_before  # no transaction at all
     put(env, "srv1", "b.gz", logs("b"))
+    assert "srv1/b.gz" not in env.doit("list", "--all", check=0).stdout  # `doit list` contacts no server
+    env.doit("run", "plan:srv1", check=0)  # list srv1 and record its due work, nothing else
     listed = env.doit("list", "--all", check=0).stdout
     assert "extract:srv1/b.gz" in listed and "srv1/a.gz" not in listed
     env.doit("run", check=0)
@@ -92,7 +94,9 @@ def test_corrupt_file_is_quarantined_and_run_fails_once(env):
     assert rec["status"] == "error" and rec["error_kind"] == "quarantine" and "corrupt" in rec["last_error"]
     # Parked in an earlier run: later plain runs neither retry it nor fail because of it.
     env.doit("run", check=0)
-    assert rec == [r for r in env.records("srv3") if r["local_name"] == "bad.gz"][0]
+    env.doit("run", check=0)
+    again = [r for r in env.records("srv3") if r["local_name"] == "bad.gz"][0]
+    assert again == rec
 
 
 def test_odd_names_come_through_intact(env):
@@ -104,11 +108,9 @@ def test_odd_names_come_through_intact(env):
     for i, name in enumerate(names):
         assert (env.data / "extracted" / "srv1" / name[:-3]).read_bytes() == logs(f"odd{i}")
     assert not any(p.name == "pwned" for p in env.remote("srv1").parent.rglob("pwned"))
-    # The names read back from the JSON records alone (the index is a cache that may be deleted)
-    # still match the listing: nothing is fetched or extracted again.
+    # The names read back from the state database match the listing byte for byte: nothing is
+    # fetched or extracted again.
     tree, records = env.tree(), env.records()
-    for index in (env.state / "index").iterdir():
-        index.unlink()
     env.doit("run", check=0)
     assert env.tree() == tree and env.records() == records
     assert sorted(r["local_name"] for r in records) == sorted(os.path.basename(n) for n in names)
@@ -180,47 +182,64 @@ def test_no_incoming_switch_leaves_dropped_files(env):
 
 
 def test_list_info_and_recovery_by_forget(env):
-    raw = gzip.compress(logs("q"))
+    good = gzip.compress(logs("q"))
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF  # same size: a CRC error
     bad = env.remote("srv1") / "q.gz"
-    bad.write_bytes(raw[:-8])  # trailer missing: truncated
+    bad.write_bytes(bytes(damaged))
     os.utime(bad, (1_700_000_000, 1_700_000_000))
     listed = env.doit("list", "--all", check=0)
-    assert "extract:srv1/q.gz" in listed.stdout
+    assert "extract:srv1/q.gz" not in listed.stdout  # not listed yet: `doit list` contacts no server
     assert env.records() == []  # listing the graph changes nothing
     assert not env.data.exists()
-    env.doit("run")  # quarantined
-    info = env.doit("info", "extract:srv1/q.gz", check=0)
+    assert env.doit("run").returncode == 1  # quarantined
+    info = env.doit("info", "extract:srv1/q.gz")
     assert "quarantine" in info.stdout
-    # The admin repairs the file on the server, then recovers the quarantined files of srv1.
-    sb.write_gz(str(bad), logs("q"))
+    env.doit("run", check=0)  # parked earlier: left alone, no failure
+    # The admin restores the file on the server (same size and mtime), then recovers srv1's quarantine.
+    bad.write_bytes(good)
+    os.utime(bad, (1_700_000_000, 1_700_000_000))
+    env.doit("run", check=0)
+    assert not (env.data / "extracted" / "srv1" / "q").exists()  # still parked: nobody asked
     env.doit("forget", "-s", "recover:quarantine/srv1", check=0)
     env.doit("run", check=0)
     assert (env.data / "extracted" / "srv1" / "q").read_bytes() == logs("q")
     [rec] = env.records("srv1")
-    assert rec["status"] == "processed" and rec["attempts"]["extract"] == 1
+    assert rec["status"] == "processed" and rec["attempts"]["extract"] == 1 and rec["attempts"]["fetch"] == 2
+    assert not (env.data / "error" / "quarantine" / "srv1" / "q.gz").exists()
 
 
-def test_files_parked_by_a_whole_server_run_are_retried_one_by_one_after_forget(env):
-    """A run of the whole server parks files without a doit task each; `settle` still hands them to
-    doit, so that forgetting one file's task retries that file, and only it."""
-    for name in ("one.gz", "two.gz"):
-        (env.remote("srv1") / name).write_bytes(b"not gzip " + name.encode())
-        os.utime(env.remote("srv1") / name, (1_700_000_000, 1_700_000_000))
+def test_a_parked_file_changed_on_the_server_is_processed_as_its_new_version(env):
+    bad = env.remote("srv1") / "r.gz"
+    bad.write_bytes(b"not gzip")
+    os.utime(bad, (1_700_000_000, 1_700_000_000))
+    assert env.doit("run").returncode == 1
+    put(env, "srv1", "r.gz", logs("r"))  # fixed on the server: another version
+    env.doit("run", check=0)
+    assert (env.data / "extracted" / "srv1" / "r").read_bytes() == logs("r")
+    assert [r["status"] for r in env.records("srv1")] == ["processed"]  # the parked version: superseded
+
+
+def test_one_parked_file_is_retried_by_running_its_task(env):
+    """`doit run extract:srv1/FILE` retries that file, and only it."""
+    paths = {name: put(env, "srv1", name, logs(name)) for name in ("one.gz", "two.gz")}
+    for path in paths.values():
+        os.chmod(path, 0o000)  # unreadable: parked in error/copy, not retried
     assert env.doit("run").returncode == 1
     env.doit("run", check=0)  # parked earlier: left alone, no failure
     attempts = {r["local_name"]: r["attempts"]["fetch"] for r in env.records("srv1")}
     assert attempts == {"one.gz": 1, "two.gz": 1}
-    put(env, "srv1", "one.gz", logs("one"))  # the operator replaces one of them on the server
-    env.doit("forget", "extract:srv1/one.gz", check=0)
-    env.doit("run", check=0)
-    assert (env.data / "extracted" / "srv1" / "one").read_bytes() == logs("one")
+    os.chmod(paths["one.gz"], 0o644)  # the operator fixes one of them
+    env.doit("run", "extract:srv1/one.gz", check=0)
+    assert (env.data / "extracted" / "srv1" / "one").read_bytes() == logs("one.gz")
     after = {r["local_name"]: (r["status"], r["attempts"].get("fetch")) for r in env.records("srv1")}
-    assert after == {"one.gz": ("processed", 2), "two.gz": ("error", 1)}  # fetched again; left alone
+    assert after == {"one.gz": ("processed", 1), "two.gz": ("error", 1)}  # fresh counters; the other left alone
 
 
 def test_file_matched_by_two_patterns_is_processed_once(env):
     put(env, "srv1", "app.log.1.gz", logs("app"))
     env.configure(patterns=("*.gz", "app*.gz"))
+    env.doit("run", "plan:srv1", check=0)
     listed = env.doit("list", "--all", check=0).stdout
     assert listed.count("extract:srv1/app.log.1.gz") == 1 and "~" not in listed
     env.doit("run", check=0)

@@ -48,7 +48,7 @@ def assert_converged(env, expected):
     assert len(env.records()) == len(expected)
 
 
-@pytest.mark.parametrize("point", ["fetch", "extract", "place", "place-source"])
+@pytest.mark.parametrize("point", ["fetch", "extract", "place", "commit", "place-source"])
 def test_kill_9_at_each_stage_then_next_run_converges(env, point):
     expected = seed_files(env)
     proc = env.doit("run", env=env.environ(RELAY_CRASH_AT=point))
@@ -57,6 +57,33 @@ def test_kill_9_at_each_stage_then_next_run_converges(env, point):
     assert_converged(env, expected)
     env.doit("run", check=0)  # and stays converged
     assert_converged(env, expected)
+
+
+@pytest.mark.parametrize("delete_source", [False, True])
+def test_durability_order_output_then_record_then_source(env, delete_source):
+    """Crash points on both sides of the record's transaction: before it, the output is in place and
+    the record does not say processed; after it, the record says processed and the source has not
+    moved yet (a hand-dropped source is the only copy). The next run completes either way."""
+    env.configure(pipeline={"delete_source": delete_source})
+    data = sb.log_lines(random.Random("order"), 300)
+    drop = env.data / "incoming" / "srv1" / "dropped.log.gz"
+    drop.parent.mkdir(parents=True)
+    sb.write_gz(str(drop), data)
+    proc = env.doit("run", "extract:srv1", env=env.environ(RELAY_CRASH_AT="place"))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert (env.data / "extracted" / "srv1" / "dropped.log").read_bytes() == data
+    assert drop.exists() and [r["status"] for r in env.records("srv1")] == ["copied"]
+    proc = env.doit("run", "extract:srv1", env=env.environ(RELAY_CRASH_AT="commit"))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    [rec] = env.records("srv1")
+    assert rec["status"] == "processed" and rec["extracted_path"].endswith("/dropped.log")
+    assert drop.exists()  # the record first, then the source
+    env.doit("run", "extract:srv1", check=0)
+    assert not drop.exists()
+    assert (env.data / "processed" / "srv1" / "dropped.log.gz").exists() != delete_source
+    assert (env.data / "extracted" / "srv1" / "dropped.log").read_bytes() == data
+    assert [r["status"] for r in env.records("srv1")] == ["processed"]
+    assert sorted(os.listdir(env.data / "extracted" / "srv1")) == ["dropped.log"]
 
 
 def test_a_corrupt_state_database_is_one_clear_error_never_a_silent_reset(env):
@@ -246,7 +273,7 @@ def test_file_that_became_a_directory_before_the_fetch_is_not_taken(env):
         run.close()
 
 
-def test_dead_peer_during_transfer_is_caught_and_parked(env):
+def test_dead_peer_during_transfer_is_caught_and_left_due_not_parked(env):
     """kill -STOP of the server side mid-transfer: keepalives and the outer deadline end the run."""
     big = os.urandom(48 * 2**20)
     path = env.remote("srv1") / "big.log.gz"
@@ -278,8 +305,11 @@ def test_dead_peer_during_transfer_is_caught_and_parked(env):
                 pass
     assert time.monotonic() - started < 60
     assert proc.returncode == 1, out
+    assert b"not fetched" in out and b"the next run tries again" in out
     [rec] = env.records("srv1")
-    assert rec["status"] == "error" and rec["error_kind"] == "copy"
-    assert "unreachable" in rec["last_error"] or "deadline" in rec["last_error"]
+    assert rec["status"] == "pending" and rec["attempts"]["fetch"] >= 1  # transient: due, never parked
     assert not (env.data / "extracted" / "srv1" / "big.log").exists()
     assert not [p for p in (env.data / "incoming").rglob("*") if p.is_file()]
+    assert not (env.data / "error" / "copy" / "srv1").exists() or not os.listdir(env.data / "error" / "copy" / "srv1")
+    env.doit("run", check=0)  # the peer is back: the next plain run fetches it
+    assert (env.data / "extracted" / "srv1" / "big.log").read_bytes() == big

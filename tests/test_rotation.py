@@ -12,7 +12,6 @@ from rotation import LogRotator, RelayLog, assert_settled, check_extracted, file
 
 pytestmark = needs_root
 
-ISSUE_11 = pytest.mark.xfail(reason="issue 11: rebuild pending", strict=True)
 
 
 def cycle(env, rot, number, lines=40):
@@ -24,10 +23,7 @@ def cycle(env, rot, number, lines=40):
     check_extracted(env.data, rot.server, rot, context)
 
 
-@pytest.mark.parametrize("scheme", [pytest.param("numbered", marks=ISSUE_11),
-                                    pytest.param("delaycompress", marks=ISSUE_11),
-                                    pytest.param("copytruncate", marks=ISSUE_11),
-                                    "dateext"])
+@pytest.mark.parametrize("scheme", ["numbered", "delaycompress", "copytruncate", "dateext"])
 def test_rotated_lines_extracted_exactly_once(env, tmp_path, scheme):
     rot = LogRotator(env.remote("srv1"), tmp_path / "logrotate", "srv1", scheme=scheme, keep=4)
     for number in range(1, 8):  # 7 cycles: the 4 slots fill up and the oldest files are rotated away
@@ -36,7 +32,6 @@ def test_rotated_lines_extracted_exactly_once(env, tmp_path, scheme):
     assert_settled(env, {"srv1": [rot]}, f"{scheme}, at the end")
 
 
-@ISSUE_11
 def test_twenty_full_slots_one_more_rotation_moves_only_the_new_file(env, tmp_path):
     rot = LogRotator(env.remote("srv1"), tmp_path / "logrotate", "srv1", scheme="numbered", keep=20)
     for number in range(1, 23):  # 22 rotations: all 20 slots full, two files already rotated away
@@ -63,7 +58,6 @@ def test_twenty_full_slots_one_more_rotation_moves_only_the_new_file(env, tmp_pa
     assert_settled(env, {"srv1": [rot]}, "at the end")
 
 
-@ISSUE_11
 def test_a_touched_file_is_not_extracted_again(env, tmp_path):
     rot = LogRotator(env.remote("srv1"), tmp_path / "logrotate", "srv1", keep=4)
     cycle(env, rot, 1)
@@ -77,7 +71,6 @@ def test_a_touched_file_is_not_extracted_again(env, tmp_path):
     assert_settled(env, {"srv1": [rot]}, "at the end")
 
 
-@ISSUE_11
 def test_content_rewritten_under_the_same_name(env, tmp_path):
     """The new content is extracted too, under a name of its own that says which version."""
     # `rotate 1`: each rotation replaces app.log.1.gz by a new file with new content, same name.
@@ -99,7 +92,6 @@ def test_content_rewritten_under_the_same_name(env, tmp_path):
     assert_settled(env, {"srv1": [rot]}, "at the end")
 
 
-@ISSUE_11
 @pytest.mark.parametrize("when", ["new", "processed"])  # the remote file new in the same run, or processed before
 def test_hand_drop_named_like_a_remote_file(env, tmp_path, when):
     """Processed, and so is the remote file; neither overwrites the other."""

@@ -51,7 +51,7 @@ def test_rsync_flags_are_hardened():
     assert argv[-3] == "--" and argv[-2] == "h1:/var/log/" and argv[-1] == "/stage/"
     ssh = argv[argv.index("-e") + 1]
     assert "StrictHostKeyChecking=yes" in ssh and "'UserKnownHostsFile=/k/known hosts'" in ssh
-    assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/srv1" in ssh
+    assert "ConnectTimeout=10" in ssh and "ServerAliveInterval=15" in ssh and "ControlPath=/sock/" in ssh
     assert "BatchMode=yes" in ssh
 
 
@@ -70,7 +70,6 @@ def test_rsync_trusts_the_sender_unless_the_local_rsync_lacks_the_option(monkeyp
         return (1, b"", old) if "--trust-sender" in argv else (0, b"", "")
 
     monkeypatch.setattr(remote, "_run", fake_run)
-    monkeypatch.setattr(remote, "_RSYNC_TRUSTS_SENDER", True)
     conn = remote.Connection(settings(), KEY_SERVER)
     conn._open = True
     conn.fetch("/x", ["a.gz"], "/s")
