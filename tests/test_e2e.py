@@ -324,3 +324,26 @@ def test_landing_directories_a_killed_run_left_are_swept_and_their_files_fetched
     assert (env.data / "extracted" / "srv1" / "app.log.1").read_bytes() == data
     log = (env.work / "logs" / "logpipe-relay.log").read_text()
     assert "swept 3 temp file(s) left by an interrupted run" in log
+
+
+def test_a_glob_matching_nothing_and_a_missing_directory_are_warnings(env):
+    env.configure(servers=[{"remote_path": [str(env.remote("srv1") / "*.gz"), str(env.remote("srv1") / "nope" / "*.gz")]}])
+    put(env, "srv1", "a.gz", logs("a"))
+    proc = env.doit("run", "extract:srv1", check=0)  # a warning, not a failure
+    assert f"remote_path {env.remote('srv1')}/nope/*.gz matched nothing" in proc.stderr
+    lines = [json.loads(line) for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()]
+    [warning] = [d for d in lines if "matched nothing" in d["message"]]
+    assert warning["level"] == "WARNING" and warning["server"] == "srv1"
+    assert (env.data / "extracted" / "srv1" / "a").read_bytes() == logs("a")
+
+
+def test_every_summary_says_how_many_files_are_still_parked_and_where(env):
+    (env.remote("srv1") / "bad.gz").write_bytes(b"not gzip")
+    os.utime(env.remote("srv1") / "bad.gz", (1_700_000_000, 1_700_000_000))
+    env.doit("run", "extract:srv1", check=1)
+    put(env, "srv1", "good.gz", logs("good"))
+    proc = env.doit("run", "extract:srv1", check=0)  # parked earlier: not this run's failure
+    where = f"1 in all wait in {env.data}/error/*/srv1/"
+    assert f"srv1: run summary: 1 file(s) processed, 0 duplicate(s), 0 parked ({where}" in proc.stdout
+    lines = [json.loads(line) for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()]
+    assert where in [d for d in lines if d.get("operation") == "summary"][-1]["message"]
