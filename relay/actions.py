@@ -3,6 +3,7 @@
 import concurrent.futures
 import functools
 import os
+import sys
 
 from doit.exceptions import TaskFailed
 
@@ -95,7 +96,8 @@ def summary(run, server):
     logs.note(run.log, 30 if problems else 20, line, {
         "server": server, "operation": "summary", "bytes": sum(r.extracted_size for r in processed),
         "duration_ms": run.elapsed_ms()})
-    print(f"{server}: {line}", flush=True)
+    sys.stdout.write(f"{server}: {line}\n")  # one write: doit's reporter writes from other threads
+    sys.stdout.flush()
     if not problems:
         return True
     hints = [f"then recover with: doit forget -s recover:{kind}/{server} && doit run  ({RECOVER_HINT[kind]})"

@@ -62,6 +62,7 @@ def doit_config(run):
         "num_process": threads if threads > 1 else 0,
         "par_type": "thread",
         "continue": True,  # one failing server must not stop the others
+        "reporter": "executed-only",  # no line for each up-to-date recover task
     }
 
 
