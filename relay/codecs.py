@@ -3,7 +3,6 @@
 import errno
 import hashlib
 import os
-import time
 import zlib
 from typing import NamedTuple
 
@@ -40,22 +39,9 @@ def output_name(name, fmt):
     return name + ".out"
 
 
-_free_cache = {}  # directory -> (monotonic time, free bytes): statvfs per small file is wasted work
-
-
-def _free_bytes(directory, max_age=0.5):
-    now = time.monotonic()
-    cached = _free_cache.get(directory)
-    if cached is None or now - cached[0] > max_age:
-        st = os.statvfs(directory)
-        cached = _free_cache[directory] = (now, st.f_bavail * st.f_frsize)
-    return cached[1]
-
-
-def sha256_of(path):
-    """Hex SHA256 of a file's bytes."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def _free_bytes(directory):
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
 
 
 class Inflated(NamedTuple):
@@ -82,62 +68,90 @@ def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
     budget = _free_bytes(directory) - min_free
     if budget <= 0:
         raise ArchiveError(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
-    src_fd = out_fd = None
     try:
-        # Plain file descriptors: for a small file, Python's buffered file objects cost more than the I/O.
-        try:
-            src_fd = os.open(src, os.O_RDONLY)
-        except FileNotFoundError:
-            raise SourceGone(f"{name}: no longer there") from None
-        st = os.fstat(src_fd)
-        if expect is not None and (st.st_size != expect[0] or
-                                   (expect[1] is not None and int(st.st_mtime) != expect[1])):
-            raise SourceChanged(f"{name}: {st.st_size} bytes, {expect[0]} expected", st.st_size)
-        # A small file in one read of its own size: a CHUNK-sized buffer each time costs an mmap.
-        step = min(CHUNK, st.st_size + 1)
-        block = os.read(src_fd, step)
-        fmt = detect_format(block)
-        if fmt not in SUPPORTED:
-            raise CorruptArchive(f"{name}: empty file" if not block else
-                                 f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})")
-        out_fd = os.open(dst_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        sink = _Sink(out_fd, name, directory, max_bytes, min_free, budget)
-        in_sha = hashlib.sha256()
-        decomp = _zlib.decompressobj(31)
-        while block:
-            in_sha.update(block)
-            data = block
-            while data:
-                if decomp.eof:
-                    if not data.strip(b"\0"):
-                        break  # trailing zero padding after the last member is tolerated, as gzip does
-                    decomp = _zlib.decompressobj(31)
-                sink.write(decomp.decompress(data, CHUNK))
-                data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
-            # A short read means the end: no extra call just to be told so.
-            block = os.read(src_fd, step) if len(block) == step else b""
-        while not decomp.eof:
-            piece = decomp.decompress(b"", CHUNK)
-            if not piece:
-                raise CorruptArchive(f"{name}: corrupt gzip data: truncated (the end of the last member is missing)")
-            sink.write(piece)
-        os.close(out_fd)
-        out_fd = None
+        with _OpenChecked(src, name, expect) as (src_fd, size):
+            out_fd = os.open(dst_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                sink = _Sink(out_fd, name, directory, max_bytes, min_free, budget)
+                in_sha, fmt = _inflate_stream(src_fd, size, name, sink)
+            finally:
+                os.close(out_fd)
     except BaseException as exc:
         durable.unlink_quietly(dst_tmp)  # whatever failed, no partial output stays
-        if isinstance(exc, _CORRUPT):
-            raise CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}") from None
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ArchiveError(f"{directory}: disk full while extracting {name}; free some space "
-                               "and rerun") from None
-        if isinstance(exc, OSError):
-            raise ArchiveError(f"{name}: extraction failed: {exc}") from None
-        raise
-    finally:
-        for fd in (src_fd, out_fd):
-            if fd is not None:
-                os.close(fd)
+        raise _as_archive_error(exc, name, directory) from None
     return Inflated(in_sha.hexdigest(), fmt, sink.written, sink.sha.hexdigest())
+
+
+class _OpenChecked:
+    """The source opened as a plain descriptor, after checking it is still the file listed."""
+
+    def __init__(self, src, name, expect):
+        self.src, self.name, self.expect = src, name, expect
+        self.fd = None
+
+    def __enter__(self):
+        # Plain file descriptors: for a small file, Python's buffered file objects cost more than the I/O.
+        try:
+            self.fd = os.open(self.src, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SourceGone(f"{self.name}: no longer there") from None
+        st = os.fstat(self.fd)
+        expect = self.expect
+        if expect is not None and (st.st_size != expect[0] or
+                                   (expect[1] is not None and int(st.st_mtime) != expect[1])):
+            os.close(self.fd)
+            raise SourceChanged(f"{self.name}: {st.st_size} bytes, {expect[0]} expected", st.st_size)
+        return self.fd, st.st_size
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _inflate_stream(src_fd, size, name, sink):
+    """Read, hash and inflate every member of the file into `sink`; (sha256 object, format)."""
+    # A small file in one read of its own size: a CHUNK-sized buffer each time costs an mmap.
+    step = min(CHUNK, size + 1)
+    block = os.read(src_fd, step)
+    fmt = detect_format(block)
+    if fmt not in SUPPORTED:
+        raise CorruptArchive(f"{name}: empty file" if not block else
+                             f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})")
+    in_sha = hashlib.sha256()
+    decomp = _zlib.decompressobj(31)
+    while block:
+        in_sha.update(block)
+        decomp = _inflate_block(decomp, block, sink)
+        # A short read means the end: no extra call just to be told so.
+        block = os.read(src_fd, step) if len(block) == step else b""
+    while not decomp.eof:
+        piece = decomp.decompress(b"", CHUNK)
+        if not piece:
+            raise CorruptArchive(f"{name}: corrupt gzip data: truncated (the end of the last member is missing)")
+        sink.write(piece)
+    return in_sha, fmt
+
+
+def _inflate_block(decomp, data, sink):
+    """Inflate one block read from the file, starting a new decompressor at each gzip member."""
+    while data:
+        if decomp.eof:
+            if not data.strip(b"\0"):
+                break  # trailing zero padding after the last member is tolerated, as gzip does
+            decomp = _zlib.decompressobj(31)
+        sink.write(decomp.decompress(data, CHUNK))
+        data = decomp.unused_data if decomp.eof else decomp.unconsumed_tail
+    return decomp
+
+
+def _as_archive_error(exc, name, directory):
+    """The named error a failure of extraction is to the caller."""
+    if isinstance(exc, _CORRUPT):
+        return CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ArchiveError(f"{directory}: disk full while extracting {name}; free some space and rerun")
+    if isinstance(exc, OSError):
+        return ArchiveError(f"{name}: extraction failed: {exc}")
+    return exc
 
 
 class _Sink:
@@ -157,7 +171,7 @@ class _Sink:
             raise CorruptArchive(f"{self.name}: output exceeds max_extracted_bytes ({self.max_bytes}); "
                                  "treated as a decompression bomb")
         if self.written > self.budget:
-            self.budget = _free_bytes(self.directory, max_age=0) - self.min_free + self.written
+            self.budget = _free_bytes(self.directory) - self.min_free + self.written
             if self.written > self.budget:
                 raise ArchiveError(f"{self.directory}: not enough free space to extract {self.name} "
                                    f"(min_free_bytes {self.min_free}); free some space and rerun")
