@@ -6,6 +6,10 @@ import os
 import zlib
 from typing import NamedTuple
 
+import types
+
+_zlib: types.ModuleType
+_CORRUPT: tuple[type[BaseException], ...]
 try:
     from isal import isal_zlib as _zlib
     _CORRUPT = (zlib.error, _zlib.error)
@@ -42,6 +46,12 @@ def output_name(name, fmt):
 def _free_bytes(directory):
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
+
+
+def sha256_of(path):
+    """Hex SHA256 of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class Inflated(NamedTuple):

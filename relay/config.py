@@ -267,7 +267,7 @@ def where(settings, key):
     return _where(Path(settings.config_dir) / ".env", from_environment, key)
 
 
-REQUIRED_ENV = tuple(key for key, rules in ENV_SCHEMA.items() if rules.get("required"))
+REQUIRED_ENV = tuple(key for key, rules in ENV_SCHEMA.items() if isinstance(rules, dict) and rules.get("required"))
 
 
 def _read_dotenv(env_path, environ):

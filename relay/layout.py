@@ -1,6 +1,5 @@
 """Where files live: the user's data tree under DATA_ROOT and our private work areas under TMP_DIR."""
 
-import functools
 import os
 
 from .planning import Local
@@ -30,17 +29,14 @@ class Layout:
         self.root = settings.data_root
         self.tmp = settings.tmp_dir
 
-    @functools.lru_cache(maxsize=None)  # asked for on every file
     def incoming(self, server):
         """Fetched or dropped files waiting for extraction."""
         return os.path.join(self.root, "incoming", server)
 
-    @functools.lru_cache(maxsize=None)  # asked for on every file
     def extracted(self, server):
         """Extracted output."""
         return os.path.join(self.root, "extracted", server)
 
-    @functools.lru_cache(maxsize=None)  # asked for on every file
     def processed(self, server):
         """Sources kept after extraction."""
         return os.path.join(self.root, "processed", server)
@@ -53,7 +49,6 @@ class Layout:
         """Where each rsync batch of `server` gets a private landing directory of its own."""
         return os.path.join(self.tmp, "fetch", server)
 
-    @functools.lru_cache(maxsize=None)  # asked for on every file
     def extract_tmp(self, server):
         """Where extraction output is written before it is renamed into extracted/."""
         return os.path.join(self.tmp, "extract", server)
