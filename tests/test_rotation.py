@@ -13,7 +13,6 @@ from rotation import LogRotator, RelayLog, assert_settled, check_extracted, file
 pytestmark = needs_root
 
 
-
 def cycle(env, rot, number, lines=40):
     """Write, rotate with the real logrotate, run; the invariant must hold after the run."""
     rot.write(lines + number * 7 % 23)

@@ -17,12 +17,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from relay import sandbox as sb
 
 from conftest import DODO, needs_root
-from rotation import SCHEMES, LogRotator, RelayLog, assert_settled, invariant_problems
+from rotation import SCHEMES, LogRotator, assert_settled, invariant_problems
 
 pytestmark = needs_root
 
@@ -200,7 +198,6 @@ class Simulation:
 STEP_WEIGHTS = {"write": 30, "rotate": 28, "run": 16, "kill": 10, "terminate": 8, "cut": 8}
 
 
-@pytest.mark.xfail(reason="issue 11: rebuild pending", strict=True)
 def test_random_rotations_runs_and_faults_keep_every_line_once(env, tmp_path):
     print(f"simulation seed {SEED} (SIM_SEED={SEED} replays it), {STEPS} steps")
     sim = Simulation(env, tmp_path, SEED)
