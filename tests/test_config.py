@@ -175,7 +175,6 @@ def assert_user_error(proc, message):
     assert "Traceback" not in output
 
 
-needs_new_dodo = pytest.mark.xfail(reason="needs the new dodo.py", strict=False)
 
 
 @contextlib.contextmanager
@@ -357,7 +356,6 @@ def test_doit_list_reports_a_users_mistake_in_one_line_with_status_3(tmp_path, c
     assert_user_error(doit_list(conf, environ, prefix), expected)
 
 
-@needs_new_dodo
 def test_a_state_dir_that_cannot_be_created_is_a_users_mistake(tmp_path):
     # /proc says it is writable (to root) but takes no directory: only trying to create it shows that.
     conf = write(tmp_path / "c", env={"STATE_DIR": "/proc/no-such-dir/state"})
