@@ -7,6 +7,7 @@ record that processed each content of a server: content once processed stays kno
 import json
 import os
 import sqlite3
+import threading
 import time
 
 import msgspec
@@ -73,11 +74,13 @@ def _record(row):
 
 
 class Store:
-    """One SQLite connection to STATE_DIR/state.db; callers serialise access (relay.ledger owns it)."""
+    """One SQLite connection to STATE_DIR/state.db, used by one thread at a time (its own lock); the
+    run's writes all come from relay.ledger, the one owner of its records."""
 
     def __init__(self, state_dir, readonly=False):
         self.path = os.path.join(state_dir, DB_NAME)
         self.readonly = readonly
+        self._lock = threading.RLock()
         self._db = None
         if readonly and not os.path.exists(self.path):
             return  # nothing recorded yet: every read answers empty
@@ -112,7 +115,8 @@ class Store:
         if self._db is None:
             return []
         try:
-            return self._db.execute(sql, args).fetchall()
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from None
 
@@ -173,16 +177,8 @@ class Store:
             rows.append((rec.key, rec.server, rec.status, rec.size, rec.mtime, rec.sha256,
                          *(_blob(getattr(rec, name)) for name in _NAME_FIELDS), _body(rec)))
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                self._db.executemany("INSERT OR IGNORE INTO contents VALUES (?,?,?)", list(contents))
-                self._db.executemany("INSERT OR REPLACE INTO owners VALUES (?,?,?)",
-                                     [(s, _blob(p), k) for s, p, k in owners])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with self._lock:
+                self._transaction(rows, contents, owners)
         except sqlite3.OperationalError as exc:
             raise StateWriteError(
                 f"{self.path}: could not record {len(rows)} file(s) ({exc}); nothing is lost: the next run "
@@ -190,6 +186,18 @@ class Store:
                 "error), then rerun") from None
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from None
+
+    def _transaction(self, rows, contents, owners):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self._db.executemany("INSERT OR IGNORE INTO contents VALUES (?,?,?)", list(contents))
+            self._db.executemany("INSERT OR REPLACE INTO owners VALUES (?,?,?)",
+                                 [(s, _blob(p), k) for s, p, k in owners])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def meta(self, name):
         """A value of the meta table, or None."""
