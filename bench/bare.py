@@ -21,8 +21,17 @@ from isal import isal_zlib
 
 def ssh_argv(spec, server):
     """ssh to `server` through a shared connection (password servers through sshpass)."""
-    argv = ["ssh", "-o", f"UserKnownHostsFile={spec['known_hosts']}", "-o", f"ControlPath={spec['work']}/ssh-{server['name']}", "-p", str(server["port"]),
-            "-l", server["user"]]
+    argv = [
+        "ssh",
+        "-o",
+        f"UserKnownHostsFile={spec['known_hosts']}",
+        "-o",
+        f"ControlPath={spec['work']}/ssh-{server['name']}",
+        "-p",
+        str(server["port"]),
+        "-l",
+        server["user"],
+    ]
     if server["auth"] == "password":
         return ["sshpass", "-e", *argv, "-o", "PubkeyAuthentication=no"]
     return [*argv, "-i", spec["client_key"], "-o", "BatchMode=yes"]
@@ -30,9 +39,19 @@ def ssh_argv(spec, server):
 
 def list_remote(spec, server, found):
     """One ssh session listing the remote *.gz; it stays up as the connection rsync then shares."""
-    out = subprocess.run([*ssh_argv(spec, server), "-o", "ControlMaster=auto", "-o", "ControlPersist=10",
-                          server["address"], f"find {server['remote_dir']} -maxdepth 1 -name '*.gz' -printf '%f\\0'"],
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [
+            *ssh_argv(spec, server),
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            "ControlPersist=10",
+            server["address"],
+            f"find {server['remote_dir']} -maxdepth 1 -name '*.gz' -printf '%f\\0'",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     found[server["name"]] = [name for name in out.split(b"\0") if name]
 
 
@@ -43,10 +62,25 @@ def fetch(spec, server, names, arrivals):
     os.makedirs(staging)
     os.makedirs(incoming)
     rsh = " ".join(ssh_argv(spec, server) + ["-o", "ControlMaster=no"])
-    proc = subprocess.Popen(["rsync", "--trust-sender", "-s", "--times", "--from0", "--files-from=-",
-                             "--out-format=%n", "--outbuf=L", "-e", rsh, "--",
-                             f"{server['address']}:{server['remote_dir']}/", staging + "/"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "rsync",
+            "--trust-sender",
+            "-s",
+            "--times",
+            "--from0",
+            "--files-from=-",
+            "--out-format=%n",
+            "--outbuf=L",
+            "-e",
+            rsh,
+            "--",
+            f"{server['address']}:{server['remote_dir']}/",
+            staging + "/",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     proc.stdin.write(b"".join(name + b"\0" for name in names))
     proc.stdin.close()
     previous = None
@@ -106,8 +140,7 @@ def main():
     for thread in listers:
         thread.join()
     arrivals = queue.SimpleQueue()
-    fetchers = [threading.Thread(target=fetch, args=(spec, s, found[s["name"]], arrivals))
-                for s in spec["servers"]]
+    fetchers = [threading.Thread(target=fetch, args=(spec, s, found[s["name"]], arrivals)) for s in spec["servers"]]
     for thread in fetchers:
         thread.start()
     extract(spec, arrivals, len(fetchers))

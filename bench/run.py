@@ -12,16 +12,13 @@ Run as root:  python bench/run.py [--quick] [--json] [--rounds N] [--only large,
 
 import argparse
 import compileall
-import contextlib
 import gzip
-import hashlib
 import json
 import os
 import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,11 +28,13 @@ from isal import igzip
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fleet import OLD, FleetWorkloads, Remote, digest_tree, end_masters, measure, naive_script, reset  # noqa: E402
+
 from relay import sandbox  # noqa: E402
 
-import fleet  # noqa: E402  (bench/fleet.py, beside this file)
-
-OLD = 1_700_000_000  # mtime of generated files: old enough to be due at once
+# Issue 11, point 17: a cold run over many servers (about 200 KB compressed a file) against the
+# naive script run `parallel` servers at once; quick: (servers, files per server).
+FLEET = {"servers": 50, "files": 5, "size": 2_900_000, "quick": (10, 3), "parallel": 8}
 
 # name: (files per server, uncompressed bytes per file, full-mode target)
 WORKLOADS = {
@@ -43,17 +42,19 @@ WORKLOADS = {
     "small": {"files": 700, "size": 20 * 2**10, "quick": (100, 20 * 2**10), "target": "ratio <= 1.0"},
     "noop-10k": {"total": 10_000, "quick": 2_000, "target": "wall <= 0.8 s, RSS <= 150 MB"},
     "noop-50k": {"total": 50_000, "quick": None, "target": "wall <= 2.0 s, RSS <= 200 MB"},
-    "big": {"files": 1, "size": 2 * 2**30, "quick": (1, 256 * 2**20), "target": "RSS <= 100 MB",
-            "servers": 1},
+    "big": {"files": 1, "size": 2 * 2**30, "quick": (1, 256 * 2**20), "target": "RSS <= 100 MB", "servers": 1},
     # A server back after a long outage: thousands of files in one batch (no target of the issue's).
-    "backlog": {"files": 10_000, "size": 20 * 2**10, "quick": (1_000, 20 * 2**10), "target": "none (scaling)",
-                "servers": 1},
-    # Issue 11, point 17. A cold run over many servers (about 200 KB compressed a file) against the
-    # naive script run `parallel` servers at once; quick: (servers, files per server).
-    "fleet": {"servers": 50, "files": 5, "size": 2_900_000, "quick": (10, 3), "parallel": 8,
-              "target": "ratio <= 1.0"},
-    # extract:srv1 in the fleet's configuration with another server frozen, against srv1 alone.
-    "targeted": {"like": "fleet", "target": "ratio <= 1.5"},
+    "backlog": {
+        "files": 10_000,
+        "size": 20 * 2**10,
+        "quick": (1_000, 20 * 2**10),
+        "target": "none (scaling)",
+        "servers": 1,
+    },
+    "fleet": {**FLEET, "target": "ratio <= 1.0"},
+    # extract:srv1 in the fleet's configuration (the same servers and data) with another server
+    # frozen, against srv1 alone.
+    "targeted": {**FLEET, "target": "ratio <= 1.5"},
     # One server's numbered rotation after 20 files were processed: only the new file should move.
     "rotation": {"files": 20, "size": 14_500_000, "quick": (20, 2_900_000), "target": "none (bytes moved)"},
 }
@@ -61,38 +62,8 @@ WORKLOADS = {
 # bench/bare.py inflates each file in memory: it only takes part in workloads of files up to this size.
 BARE_MAX_BYTES = 64 * 2**20
 
-# A fresh parent per measurement: RUSAGE_CHILDREN's peak then belongs to that one command.
-_MEASURE = """
-import resource, subprocess, sys, time
-started = time.perf_counter()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
-wall = time.perf_counter() - started
-print(f"{code} {wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
-"""
-
-
-def machine_cpu_seconds():
-    """CPU time the whole machine has spent busy so far (all cores; the sshd servers included)."""
-    with open("/proc/stat") as fh:
-        ticks = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def measure(argv, env, cwd, cpu=None):
-    """(wall seconds, peak RSS MiB) of one command, which must succeed; appends the machine's CPU
-    seconds during it to `cpu` if given."""
-    before = machine_cpu_seconds()
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], env=env, cwd=cwd,
-                          capture_output=True, text=True)
-    if cpu is not None:
-        cpu.append(machine_cpu_seconds() - before)
-    code, wall, peak = proc.stderr.strip().splitlines()[-1].split()
-    if int(code) != 0:
-        raise SystemExit(f"{argv[:4]}… failed with status {code}:\n{proc.stderr[-3000:]}")
-    return float(wall), int(peak) / 1024
-
-
 # --- data ----------------------------------------------------------------------------------
+
 
 class Corpus:
     """Realistic access-log lines from a seed; each file is a run of consecutive lines of them, as a
@@ -110,7 +81,7 @@ class Corpus:
         while start in self.starts:
             start = self.rng.randrange(len(self.lines))
         self.starts.add(start)
-        return b"".join(self.lines[start:start + count] + self.lines[:max(0, start + count - len(self.lines))])
+        return b"".join(self.lines[start : start + count] + self.lines[: max(0, start + count - len(self.lines))])
 
     def write(self, path, nbytes):
         """A gzip file of about `nbytes` uncompressed log text, compressed as logrotate does (gzip -6),
@@ -128,48 +99,32 @@ class Corpus:
 
 # --- the two contenders ----------------------------------------------------------------------
 
-def naive_script(box, servers, out_dir):
-    """The naive baseline as a shell script: rsync -rt then gzip -dk, server after server."""
-    lines = ["set -e"]
-    for s in servers:
-        dest = f"{out_dir}/{s.name}"
-        ssh = f"ssh -p {s.port} -o UserKnownHostsFile={box.known_hosts}"
-        ssh += " -i " + box.client_key if s.auth == "key" else ""
-        pre = "sshpass -e " if s.auth == "password" else ""
-        lines += [f"mkdir -p {dest}",
-                  f"{pre}rsync -rt -e '{ssh}' {sandbox.SANDBOX_USER}@{s.address}:{s.remote_dir}/'*.gz' {dest}/",
-                  f"gzip -dk {dest}/*.gz"]
-    return "\n".join(lines) + "\n"
-
 
 def bare_spec(box, servers, work, out_dir):
     """The JSON spec of bench/bare.py for these servers."""
-    return json.dumps({
-        "work": str(work), "out": str(out_dir), "known_hosts": box.known_hosts, "client_key": box.client_key,
-        "password": box.password, "servers": [
-            {"name": s.name, "address": s.address, "port": s.port, "user": sandbox.SANDBOX_USER, "auth": s.auth,
-             "remote_dir": s.remote_dir} for s in servers]})
+    return json.dumps(
+        {
+            "work": str(work),
+            "out": str(out_dir),
+            "known_hosts": box.known_hosts,
+            "client_key": box.client_key,
+            "password": box.password,
+            "servers": [
+                {
+                    "name": s.name,
+                    "address": s.address,
+                    "port": s.port,
+                    "user": sandbox.SANDBOX_USER,
+                    "auth": s.auth,
+                    "remote_dir": s.remote_dir,
+                }
+                for s in servers
+            ],
+        }
+    )
 
 
-def reset(*paths):
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def digest_tree(root):
-    """{relative path: sha256} of every file under root."""
-    out = {}
-    for path in sorted(Path(root).rglob("*")):
-        if path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(2**22):
-                    h.update(chunk)
-            out[str(path.relative_to(root))] = h.hexdigest()
-    return out
-
-
-class Bench:
+class Bench(FleetWorkloads):
     """One work area on tmpfs with three sshd servers, reused by every workload, and the fleet's
     servers, started by the first workload that needs them."""
 
@@ -204,10 +159,13 @@ class Bench:
     def _ours(self, name, servers, box=None, subdir=None):
         box = box or self.box
         work = self.root / "ours" / name
-        conf = box.write_config(str(work / "conf"), str(work), subdir=subdir or name,
-                                pipeline={"max_workers": 2, "min_free_bytes": 0,
-                                          "max_extracted_bytes": 8 * 2**30},
-                                servers=[{} if s in servers else {"enabled": False} for s in box.servers])
+        conf = box.write_config(
+            str(work / "conf"),
+            str(work),
+            subdir=subdir or name,
+            pipeline={"max_workers": 2, "min_free_bytes": 0, "max_extracted_bytes": 8 * 2**30},
+            servers=[{} if s in servers else {"enabled": False} for s in box.servers],
+        )
         env = dict(self.env, RELAY_CONFIG_DIR=conf)
         argv = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "run"]
         return work, env, argv
@@ -230,7 +188,7 @@ class Bench:
         paths, raw = self._generate(name, servers, corpus, count, size)
         naive_out = self.root / "naive" / name
         script = self.root / f"naive-{name}.sh"
-        script.write_text(naive_script(self.box, [_Remote(s, name) for s in servers], naive_out))
+        script.write_text(naive_script(self.box, [Remote(s, name) for s in servers], naive_out))
         return self._contest(name, spec, self.box, servers, paths, raw, size, ["bash", str(script)], naive_out)
 
     def _contest(self, name, spec, box, servers, paths, raw, size, naive_argv, naive_out, cold=False):
@@ -240,22 +198,25 @@ class Bench:
         work, env, argv = self._ours(name, servers, box)
         bare_work, bare_out = self.root / "bare" / name, self.root / "bare-out" / name
         bare_file = self.root / f"bare-{name}.json"
-        bare_file.write_text(bare_spec(box, [_Remote(s, name) for s in servers], bare_work, bare_out))
+        bare_file.write_text(bare_spec(box, [Remote(s, name) for s in servers], bare_work, bare_out))
         ours_t, naive_t, bare_t, rss, ours_cpu, naive_cpu = [], [], [], [], [], []
         with_bare = self.bare and size <= BARE_MAX_BYTES
         for _ in range(self.rounds):
             reset(work / "data", work / "state", work / "tmp", work / "logs")
             wall, peak = measure(argv, env, str(work), ours_cpu)
             if cold:
-                fleet.end_masters(work / "state")
+                end_masters(work / "state")
             ours_t.append(wall)
             rss.append(peak)
             reset(naive_out)
             naive_t.append(measure(naive_argv, self.env, str(self.root), naive_cpu)[0])
             if with_bare:
                 reset(bare_work, bare_out)
-                bare_t.append(measure([sys.executable, str(REPO / "bench" / "bare.py"), str(bare_file)],
-                                      self.env, str(self.root))[0])
+                bare_t.append(
+                    measure(
+                        [sys.executable, str(REPO / "bench" / "bare.py"), str(bare_file)], self.env, str(self.root)
+                    )[0]
+                )
         ours_files = digest_tree(work / "data" / "extracted")
         naive_files = {k: v for k, v in digest_tree(naive_out).items() if not k.endswith(".gz")}
         identical = ours_files == naive_files and len(ours_files) == len(paths)
@@ -263,17 +224,33 @@ class Bench:
             identical = identical and digest_tree(bare_out) == naive_files
         out_bytes = sum(os.path.getsize(p) for p in (work / "data" / "extracted").rglob("*") if p.is_file())
         ours_med, naive_med = statistics.median(ours_t), statistics.median(naive_t)
-        bare = {"bare_s": round(statistics.median(bare_t), 3),
-                "bare_ratio": round(statistics.median(bare_t) / naive_med, 3)} if bare_t else {}
-        return {**bare, "workload": name, "files": len(paths), "compressed_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
-                "extracted_mb": round(out_bytes / 1e6, 1), "compression_ratio": round(ratio, 1),
-                "ours_s": round(ours_med, 3), "naive_s": round(naive_med, 3),
-                "ratio": round(ours_med / naive_med, 3), "ours_peak_rss_mb": round(max(rss), 1),
-                "ours_machine_cpu_s": round(statistics.median(ours_cpu), 2),
-                "naive_machine_cpu_s": round(statistics.median(naive_cpu), 2),
-                "ours_mb_per_s": round(out_bytes / 1e6 / ours_med, 1),
-                "ours_files_per_s": round(len(paths) / ours_med, 1), "identical_output": identical,
-                "rounds": self.rounds, "target": spec["target"]}
+        bare = (
+            {
+                "bare_s": round(statistics.median(bare_t), 3),
+                "bare_ratio": round(statistics.median(bare_t) / naive_med, 3),
+            }
+            if bare_t
+            else {}
+        )
+        return {
+            **bare,
+            "workload": name,
+            "files": len(paths),
+            "compressed_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
+            "extracted_mb": round(out_bytes / 1e6, 1),
+            "compression_ratio": round(ratio, 1),
+            "ours_s": round(ours_med, 3),
+            "naive_s": round(naive_med, 3),
+            "ratio": round(ours_med / naive_med, 3),
+            "ours_peak_rss_mb": round(max(rss), 1),
+            "ours_machine_cpu_s": round(statistics.median(ours_cpu), 2),
+            "naive_machine_cpu_s": round(statistics.median(naive_cpu), 2),
+            "ours_mb_per_s": round(out_bytes / 1e6 / ours_med, 1),
+            "ours_files_per_s": round(len(paths) / ours_med, 1),
+            "identical_output": identical,
+            "rounds": self.rounds,
+            "target": spec["target"],
+        }
 
     def noop(self, name, spec, quick):
         """N processed files over three servers, nothing new: the rerun's wall time and peak RSS."""
@@ -293,157 +270,101 @@ class Bench:
             wall, peak = measure(argv, env, str(work))
             walls.append(wall)
             rss.append(peak)
-        return {"workload": name, "files": total, "first_run_s": round(first, 2),
-                "ours_s": round(statistics.median(walls), 3), "ours_peak_rss_mb": round(max(rss), 1),
-                "rounds": self.rounds, "target": spec["target"]}
-
-    # --- issue 11, point 17 --------------------------------------------------------------------
-
-    def _fleet(self, corpus, quick):
-        """The fleet's servers and data, made once for fleet and targeted: (box, paths, plain bytes)."""
-        if self.fleet_box is None:
-            spec = WORKLOADS["fleet"]
-            count, files = spec["quick"] if quick else (spec["servers"], spec["files"])
-            # Sandbox puts server N on 127.0.0.(10 + N): 50 servers are 127.0.0.11 to .60.
-            self.fleet_box = sandbox.Sandbox(str(self.root / "fleet-servers"), count=count,
-                                             password_servers=(2,)).start()
-            self.fleet_data = self._generate("fleet", self.fleet_box.servers, corpus, files, spec["size"])
-        return (self.fleet_box, *self.fleet_data)
-
-    def fleet(self, name, spec, corpus, quick):
-        """A cold run over the fleet against the naive script run `parallel` servers at once (xargs -P)."""
-        box, paths, raw = self._fleet(corpus, quick)
-        naive_out = self.root / "naive" / name
-        scripts = [naive_script(box, [_Remote(s, "fleet")], naive_out) for s in box.servers]
-        naive_argv = fleet.parallel_naive(self.root / "naive-fleet", scripts, spec["parallel"])
-        result = self._contest(name, spec, box, box.servers, paths, raw, spec["size"], naive_argv, naive_out,
-                               cold=True)
-        return {**result, "servers": len(box.servers), "parallel": spec["parallel"]}
-
-    def targeted(self, name, spec, corpus, quick):
-        """Cold `doit run extract:srv1` in the fleet's configuration with another server frozen,
-        alternating with the same in a configuration of srv1 alone."""
-        box, paths, _ = self._fleet(corpus, quick)
-        first, still = box.servers[0], box.servers[-1]
-        many = self._ours(name, box.servers, box, subdir="fleet")
-        alone = self._ours(f"{name}-alone", [first], box, subdir="fleet")
-        fleet.keep_only(alone[1]["RELAY_CONFIG_DIR"], {first.name})
-        times = {"many": [], "alone": []}
-        rss = []
-        for _ in range(self.rounds):
-            for kind, (work, env, argv) in (("many", many), ("alone", alone)):
-                reset(work / "data", work / "state", work / "tmp", work / "logs")
-                with fleet.frozen(still) if kind == "many" else contextlib.nullcontext():
-                    wall, peak = measure([*argv, f"extract:{first.name}"], env, str(work))
-                fleet.end_masters(work / "state")
-                times[kind].append(wall)
-                rss.append(peak)
-        outputs = [digest_tree(work / "data" / "extracted") for work, _, _ in (many, alone)]
-        mine = sum(1 for p in paths if p.is_relative_to(first.remote_dir))
-        many_s, alone_s = statistics.median(times["many"]), statistics.median(times["alone"])
-        return {"workload": name, "files": mine, "servers": len(box.servers), "frozen": still.name,
-                "ours_s": round(many_s, 3), "alone_s": round(alone_s, 3), "ratio": round(many_s / alone_s, 3),
-                "ours_peak_rss_mb": round(max(rss), 1),
-                "identical_output": outputs[0] == outputs[1] and len(outputs[0]) == mine,
-                "rounds": self.rounds, "target": spec["target"]}
-
-    def rotation(self, name, spec, corpus, quick):
-        """One server, `files` numbered rotated files processed, then a numbered rotation and a
-        cold run: the bytes rsync moved (its own count and the log's) against the new file's size."""
-        count, size = spec["quick"] if quick else (spec["files"], spec["size"])
-        server = self.box.servers[0]
-        pristine = self.root / "rotation-files"  # n.gz is access.log.n.gz; 0.gz the rotation's new file
-        pristine.mkdir()
-        for n in range(count + 1):
-            corpus.write(str(pristine / f"{n}.gz"), size)
-            stamp = OLD + (count - n) * 86400  # a day apart, as daily rotation leaves them
-            os.utime(pristine / f"{n}.gz", (stamp, stamp))
-        expected = sorted(hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() for p in pristine.iterdir())
-        work, env, argv = self._ours(name, [server])
-        rsync_log, log = self.root / "rsync-rotation.log", work / "logs" / "logpipe-relay.log"
-        env = dict(env, PATH=f"{fleet.rsync_shim(self.root / 'bin')}:{env['PATH']}",
-                   **{fleet.RSYNC_LOG_VAR: str(rsync_log)})
-        remote = Path(server.remote_dir) / name
-        walls, firsts, rss, received, sent, logged = [], [], [], [], [], []
-        for _ in range(self.rounds):
-            self._dirs(name, [server])
-            for n in range(1, count + 1):
-                shutil.copy2(pristine / f"{n}.gz", remote / f"access.log.{n}.gz")
-            fleet.end_masters(work / "state")
-            reset(work / "data", work / "state", work / "tmp", work / "logs")
-            firsts.append(measure(argv, env, str(work))[0])  # the `count` files processed
-            fleet.rotate(remote, "access.log", count, pristine / "0.gz")
-            fleet.end_masters(work / "state")
-            offset = log.stat().st_size
-            rsync_log.unlink(missing_ok=True)
-            wall, peak = measure(argv, env, str(work))
-            walls.append(wall)
-            rss.append(peak)
-            _, out, into = fleet.rsync_bytes(rsync_log)
-            sent.append(out)
-            received.append(into)
-            logged.append(fleet.fetch_log_bytes(log, offset))
-        new_size = (pristine / "0.gz").stat().st_size
-        moved = statistics.median(received)
-        return {"workload": name, "files": count, "compressed_mb": round(new_size * count / 1e6, 1),
-                "new_file_bytes": new_size, "rsync_received_bytes": moved,
-                "rsync_sent_bytes": statistics.median(sent), "moved_over_new": round(moved / new_size, 3),
-                "log_fetched_files": statistics.median(f for f, _ in logged),
-                "log_fetched_bytes": statistics.median(b for _, b in logged),
-                "first_run_s": round(statistics.median(firsts), 3), "ours_s": round(statistics.median(walls), 3),
-                "ours_peak_rss_mb": round(max(rss), 1),
-                "identical_output": sorted(digest_tree(work / "data" / "extracted").values()) == expected,
-                "rounds": self.rounds, "target": spec["target"]}
-
-
-class _Remote:
-    """A server seen through one workload's subdirectory (for the naive script)."""
-
-    def __init__(self, server, subdir):
-        self.__dict__.update(server.__dict__)
-        self.remote_dir = os.path.join(server.remote_dir, subdir)
+        return {
+            "workload": name,
+            "files": total,
+            "first_run_s": round(first, 2),
+            "ours_s": round(statistics.median(walls), 3),
+            "ours_peak_rss_mb": round(max(rss), 1),
+            "rounds": self.rounds,
+            "target": spec["target"],
+        }
 
 
 def table(results):
-    head = f"{'workload':<10} {'files':>6} {'out MB':>8} {'gz x':>5} {'ours s':>8} {'naive s':>8} {'ratio':>6} " \
-           f"{'RSS MB':>7} {'MB/s':>7} {'files/s':>8} {'same':>5}  target"
+    head = (
+        f"{'workload':<10} {'files':>6} {'out MB':>8} {'gz x':>5} {'ours s':>8} {'naive s':>8} {'ratio':>6} "
+        f"{'RSS MB':>7} {'MB/s':>7} {'files/s':>8} {'same':>5}  target"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r['workload']:<10} {r['files']:>6} {r.get('extracted_mb', ''):>8} "
-                    f"{r.get('compression_ratio', ''):>5} {r['ours_s']:>8} {r.get('naive_s', r.get('alone_s', '')):>8} "
-                    f"{r.get('ratio', ''):>6} {r['ours_peak_rss_mb']:>7} {r.get('ours_mb_per_s', ''):>7} "
-                    f"{r.get('ours_files_per_s', ''):>8} {str(r.get('identical_output', '')):>5}  {r['target']}")
+        rows.append(
+            f"{r['workload']:<10} {r['files']:>6} {r.get('extracted_mb', ''):>8} "
+            f"{r.get('compression_ratio', ''):>5} {r['ours_s']:>8} {r.get('naive_s', r.get('alone_s', '')):>8} "
+            f"{r.get('ratio', ''):>6} {r['ours_peak_rss_mb']:>7} {r.get('ours_mb_per_s', ''):>7} "
+            f"{r.get('ours_files_per_s', ''):>8} {str(r.get('identical_output', '')):>5}  {r['target']}"
+        )
     return "\n".join(rows)
 
 
-def main():
+def notes(r):
+    """The lines printed under the table about one result."""
+    lines = []
+    if "ours_machine_cpu_s" in r:
+        lines.append(
+            f"{r['workload']}: CPU the machine spent (all cores, servers included): ours "
+            f"{r['ours_machine_cpu_s']} s, naive {r['naive_machine_cpu_s']} s"
+        )
+    if "bare_s" in r:
+        lines.append(f"{r['workload']}: bare pipeline (bench/bare.py) {r['bare_s']} s = {r['bare_ratio']} x naive")
+    if r["workload"] == "fleet":
+        lines.append(f"fleet: {r['servers']} servers, cold; the naive script runs {r['parallel']} servers at once")
+    if r["workload"] == "targeted":
+        lines.append(
+            f"targeted: extract:srv1 among {r['servers']} servers ({r['frozen']} frozen) {r['ours_s']} s, "
+            f"srv1 alone {r['alone_s']} s (the 'naive s' column): ratio {r['ratio']}"
+        )
+    if r["workload"] == "rotation":
+        lines.append(
+            f"rotation: after the rotation rsync received {r['rsync_received_bytes']} bytes (sent "
+            f"{r['rsync_sent_bytes']}) for a new file of {r['new_file_bytes']} bytes: "
+            f"{r['moved_over_new']} x; the log says {r['log_fetched_files']} file(s), "
+            f"{r['log_fetched_bytes']} bytes fetched; the first run ({r['files']} files) took "
+            f"{r['first_run_s']} s"
+        )
+    return lines
+
+
+def parse_args():
+    """The command line, checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small data, one round each: well under a minute")
+    parser.add_argument("--quick", action="store_true", help="small data, one round each: about a minute")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 3, quick 1)")
     parser.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--bare", action="store_true",
-                        help="also time bench/bare.py (workloads of files up to 64 MB): a plain Python pipeline with "
-                             "no doit, sh, state, logs or durability, the floor for any tool on this machine")
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="also time bench/bare.py (workloads of files up to 64 MB): a plain Python pipeline with "
+        "no doit, sh, state, logs or durability, the floor for any tool on this machine",
+    )
     args = parser.parse_args()
+    unknown = set(args.only.split(",")) - set(WORKLOADS) - {""}
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}; known: {', '.join(WORKLOADS)}")
+    return args
+
+
+def main():
+    args = parse_args()
     if os.geteuid() != 0:
         sys.exit("the benchmark starts sshd servers and needs root")
     chosen = [w for w in WORKLOADS if not args.only or w in args.only.split(",")]
-    unknown = set(args.only.split(",")) - set(WORKLOADS) - {""}
-    if unknown:
-        sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}; known: {', '.join(WORKLOADS)}")
     # A SIGTERM then unwinds like Ctrl-C: a frozen server is resumed and every server stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench(args.rounds or (1 if args.quick else 3), bare=args.bare)
+    runners = {"fleet": bench.fleet, "targeted": bench.targeted, "rotation": bench.rotation}
     results = []
     try:
         corpus = Corpus(args.seed)
         for name in chosen:
             spec = WORKLOADS[name]
-            runner = {"fleet": bench.fleet, "targeted": bench.targeted, "rotation": bench.rotation}.get(name)
-            result = bench.noop(name, spec, args.quick) if name.startswith("noop") else \
-                (runner or bench.compare)(name, spec, corpus, args.quick)
+            result = (
+                bench.noop(name, spec, args.quick)
+                if name.startswith("noop")
+                else runners.get(name, bench.compare)(name, spec, corpus, args.quick)
+            )
             if result:
                 results.append(result)
                 if not args.json:
@@ -453,23 +374,7 @@ def main():
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            if "ours_machine_cpu_s" in r:
-                print(f"{r['workload']}: CPU the machine spent (all cores, servers included): ours "
-                      f"{r['ours_machine_cpu_s']} s, naive {r['naive_machine_cpu_s']} s")
-            if "bare_s" in r:
-                print(f"{r['workload']}: bare pipeline (bench/bare.py) {r['bare_s']} s = {r['bare_ratio']} x naive")
-            if r["workload"] == "fleet":
-                print(f"fleet: {r['servers']} servers, cold; the naive script runs {r['parallel']} servers at once")
-            if r["workload"] == "targeted":
-                print(f"targeted: extract:srv1 among {r['servers']} servers ({r['frozen']} frozen) {r['ours_s']} s, "
-                      f"srv1 alone {r['alone_s']} s (the 'naive s' column): ratio {r['ratio']}")
-            if r["workload"] == "rotation":
-                print(f"rotation: after the rotation rsync received {r['rsync_received_bytes']} bytes (sent "
-                      f"{r['rsync_sent_bytes']}) for a new file of {r['new_file_bytes']} bytes: "
-                      f"{r['moved_over_new']} x; the log says {r['log_fetched_files']} file(s), "
-                      f"{r['log_fetched_bytes']} bytes fetched; the first run ({r['files']} files) took "
-                      f"{r['first_run_s']} s")
+        print("\n".join(line for r in results for line in notes(r)))
     bad = [r["workload"] for r in results if r.get("identical_output") is False]
     if bad:
         sys.exit(f"extracted output differs from the naive script's for: {', '.join(bad)}")
