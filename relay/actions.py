@@ -57,8 +57,9 @@ def extract_action(run, server):
     due = []
     if plan is not None:
         for rec in plan.finish:
-            if not engine.finish_source(run, rec):
-                due.extend(run.ledger.adopt([_as_drop(run, rec)]))
+            drop = None if engine.finish_source(run, rec) else _as_drop(run, rec)
+            if drop is not None:
+                due.extend(run.ledger.adopt([drop]))
         due.extend(r for r in plan.due if r.status == COPIED)
     _extract_all(run, due)
     run.ledger.flush()
@@ -67,7 +68,9 @@ def extract_action(run, server):
 
 def _as_drop(run, rec):
     """A file in incoming/ that has a processed file's name and version but not its bytes."""
-    local = next(f for f in engine.scan_incoming(run, rec.server) if f.name == rec.local_name)
+    local = next((f for f in engine.scan_incoming(run, rec.server) if f.name == rec.local_name), None)
+    if local is None:  # gone since the plan: nothing to take
+        return None
     key = version_key(rec.server, "local", local.name, local.size, local.mtime)
     return Record(key=key, server=rec.server, origin="local", local_name=local.name, size=local.size,
                   mtime=local.mtime, status=COPIED)
@@ -111,13 +114,17 @@ def file_action(run, server, key, dropped=None):
     (a remote file is listed again first); a parked file is retried: naming its task asks for that.
     `dropped`: the Record of a hand drop the store does not know yet."""
     run.start()
-    rec = run.ledger.record(key) or (run.ledger.adopt([dropped])[0] if dropped is not None else None)
-    if rec is None:
+    known = run.store.get(key) or dropped  # only looked at: the plan's record is the one worked on
+    if known is None:
         return True
-    if rec.origin == "remote":
+    if known.origin == "remote":
         plan = run.plans.get(server) or engine.list_server(run, server)
-        todo = [r for r in plan.due + plan.parked if r.remote_path == rec.remote_path]
+        if not plan.listed:
+            return TaskFailed(logs.printable(f"{server}: could not list the server, so {label(known.name)} "
+                                             f"was not done: {'; '.join(run.problems.get(server, ()))}"))
+        todo = [r for r in plan.due + plan.parked if r.remote_path == known.remote_path]
     else:
+        rec = run.ledger.adopt([run.ledger.record(key) or known])[0]
         todo = [rec] if rec.status not in (PROCESSED, SUPERSEDED) else []
     _retry(run, server, todo)
     run.ledger.flush()
@@ -134,12 +141,12 @@ def file_action(run, server, key, dropped=None):
 
 def _retry(run, server, records):
     """Unpark `records` (fresh attempt counters) and bring each through the stages left."""
-    for rec in records:
-        if rec.status == ERROR:
-            engine.unpark(run, rec)
+    kept = {rec.key: engine.unpark(run, rec) for rec in records if rec.status == ERROR}
     pending = [r for r in records if r.status == PENDING]
     if pending:
         engine.fetch_server(run, server, pending)
+    for rec in records:
+        engine.settle_kept_copy(run, rec, kept.get(rec.key, ""))
     _extract_all(run, [r for r in records if r.status == COPIED])
 
 

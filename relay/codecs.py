@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib 
     _CORRUPT = (zlib.error,)
 
 from . import durable
-from .errors import ArchiveError, CorruptArchive, SourceChanged, SourceGone
+from .errors import ArchiveError, CorruptArchive, DiskFull, SourceChanged, SourceGone
 from .faults import crashpoint
 
 CHUNK = 1 << 18  # 256 KiB pieces stay in cache between inflate, hash and write (measured faster than 1 MiB)
@@ -77,7 +77,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
     name = os.path.basename(src)
     budget = _free_bytes(directory) - min_free
     if budget <= 0:
-        raise ArchiveError(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
+        raise DiskFull(f"{directory}: less than min_free_bytes ({min_free}) free; free some space")
     try:
         with _OpenChecked(src, name, expect) as (src_fd, size):
             out_fd = os.open(dst_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -158,7 +158,7 @@ def _as_archive_error(exc, name, directory):
     if isinstance(exc, _CORRUPT):
         return CorruptArchive(f"{name}: corrupt gzip data: {exc or type(exc).__name__}")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ArchiveError(f"{directory}: disk full while extracting {name}; free some space and rerun")
+        return DiskFull(f"{directory}: disk full while extracting {name}; free some space and rerun")
     if isinstance(exc, OSError):
         return ArchiveError(f"{name}: extraction failed: {exc}")
     return exc
@@ -183,7 +183,7 @@ class _Sink:
         if self.written > self.budget:
             self.budget = _free_bytes(self.directory) - self.min_free + self.written
             if self.written > self.budget:
-                raise ArchiveError(f"{self.directory}: not enough free space to extract {self.name} "
+                raise DiskFull(f"{self.directory}: not enough free space to extract {self.name} "
                                    f"(min_free_bytes {self.min_free}); free some space and rerun")
         self.sha.update(piece)
         view = memoryview(piece)

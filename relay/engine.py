@@ -8,7 +8,7 @@ import time
 import msgspec
 
 from . import codecs, durable, fetching, layout, logs
-from .errors import ArchiveError, CorruptArchive, RemoteError, SourceChanged, SourceGone
+from .errors import ArchiveError, CorruptArchive, DiskFull, RemoteError, SourceChanged, SourceGone
 from .faults import crashpoint
 from .ledger import incoming_path, move_source
 from .planning import filed_name, plan_server
@@ -132,40 +132,71 @@ def _renames(run, server_name, records, probes):
 # --- park ------------------------------------------------------------------------------------
 
 def park(run, rec, kind, error):
-    """Move a failed file to error/<kind>/<server>/ (or write why there) and record it parked."""
+    """Record a failed file parked in error/<kind>/<server>/, then move it there (or write why there).
+
+    The record first: a crash before the move leaves a parked record whose file is still in
+    incoming/, which a recovery takes from there (unpark looks where the file is)."""
     message = str(error)
     directory = run.layout.error(kind, rec.server)
     os.makedirs(directory, exist_ok=True)
     src = incoming_path(run.settings.data_root, rec)
-    name = filed_name(rec.local_name or os.path.basename(rec.remote_path), rec.key,
-                      lambda n: run.ledger.path_taken(rec, os.path.join(directory, n)))
-    target = os.path.join(directory, name)
-    if kind == "copy" or not os.path.exists(src):
-        target += ".error.json"
-        durable.write_atomic(target, msgspec.json.encode({"server": rec.server, "file": label(rec.name),
-                                                          "error": logs.printable(message), "run_id": run.run_id}))
-    else:
-        durable.move_durably(src, target)
-    run.ledger.claim_paths(rec, target)
+    moving = kind != "copy" and os.path.exists(src)
+    suffix = "" if moving else ".error.json"
+
+    def choose(taken):
+        name = filed_name(_filing_name(rec), rec.key, lambda n: taken(os.path.join(directory, n + suffix)))
+        return [os.path.join(directory, name + suffix)]
+
+    [target] = run.ledger.reserve(rec, choose)
     run.ledger.change(rec, status=ERROR, error_kind=kind, last_error=logs.printable(message),
                       source_path=target, parked_by=run.run_id)
     run.ledger.flush()
+    if moving:
+        durable.move_durably(src, target)
+    else:
+        durable.write_atomic(target, msgspec.json.encode({"server": rec.server, "file": label(rec.name),
+                                                          "error": logs.printable(message), "run_id": run.run_id}))
     emit(run, 40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
 
 
+def _filing_name(rec):
+    """The name a file is filed under: its remote base name, or the name it was dropped with."""
+    return os.path.basename(rec.remote_path) if rec.origin == "remote" else rec.local_name
+
+
 def unpark(run, rec):
-    """Bring a parked file back to the stage that failed, with fresh attempt counters."""
+    """Bring a parked file back to the stage that failed, with fresh attempt counters. Returns the
+    path of a quarantined copy kept until a fresh fetch has landed (else it is extracted again)."""
     stage = "fetch" if rec.error_kind == "copy" else "extract"
     attempts = {k: v for k, v in rec.attempts.items() if k != stage}
-    status = COPIED
+    status, kept = COPIED, ""
+    src = incoming_path(run.settings.data_root, rec)
     if rec.origin == "remote" and rec.error_kind in ("copy", "quarantine"):
         status = PENDING  # fetched afresh: the fault may have been in transit, or fixed on the server
-        durable.unlink_durably(rec.source_path)  # the reason, or the bad copy: a fresh fetch replaces it
-    elif os.path.exists(rec.source_path):
-        durable.move_durably(rec.source_path, incoming_path(run.settings.data_root, rec))
+        if rec.source_path.endswith(".error.json"):
+            durable.unlink_durably(rec.source_path)
+        elif os.path.exists(rec.source_path):
+            kept = rec.source_path  # the only copy if the server no longer has the file
+    elif os.path.exists(rec.source_path) and not os.path.exists(src):
+        durable.move_durably(rec.source_path, src)
     emit(run, 20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
     run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts)
-    return rec
+    return kept
+
+
+def settle_kept_copy(run, rec, kept):
+    """After a recovery's fetch: drop the quarantined copy if a fresh one landed, else extract it again."""
+    if not kept or not os.path.exists(kept):
+        return
+    if rec.status == COPIED:
+        durable.unlink_durably(kept)
+        return
+    src = incoming_path(run.settings.data_root, rec)
+    if not os.path.exists(src):
+        durable.move_durably(kept, src)
+        run.ledger.change(rec, status=COPIED)
+        emit(run, 30, "the server no longer has this version: its quarantined copy is extracted again", rec,
+             operation="recover")
 
 
 # --- verify, extract, place ----------------------------------------------------------------
@@ -197,7 +228,8 @@ def _extract(run, rec):
 
     try:
         result = call_with_retry(once, attempts=settings.max_retry_extract, base=settings.retry_delay_base,
-                                 cap=settings.retry_delay_max, is_transient=lambda e: isinstance(e, ArchiveError),
+                                 cap=settings.retry_delay_max,
+                                 is_transient=lambda e: isinstance(e, ArchiveError) and not isinstance(e, DiskFull),
                                  fields={"server": rec.server, "file": label(rec.name), "operation": "extract"},
                                  interrupted=run.stopping)
     except (SourceGone, SourceChanged) as exc:
@@ -236,7 +268,7 @@ def _still_changing(run, rec):
     try:
         entry = run.connections[rec.server].stat_path(rec.remote_path)
     except (RemoteError, UnicodeError):
-        return False
+        return True  # cannot tell now: look again next run rather than quarantine a good file
     return entry is None or (entry.size, entry.mtime) != (rec.size, rec.mtime)
 
 
@@ -247,27 +279,27 @@ def _place(run, rec, tmp, result, started):
     owner = ledger.claim_content(rec, result.sha256)
     extracted_dir, processed_dir = layout.extracted(rec.server), layout.processed(rec.server)
 
-    def taken(name):
-        out = os.path.join(extracted_dir, codecs.output_name(name, result.format))
-        return ledger.path_taken(rec, os.path.join(processed_dir, name)) or \
-            (owner is None and ledger.path_taken(rec, out))
+    def choose(taken):
+        def name_taken(name):
+            out = os.path.join(extracted_dir, codecs.output_name(name, result.format))
+            return taken(os.path.join(processed_dir, name)) or (owner is None and taken(out))
 
-    name = filed_name(rec.local_name, result.sha256, taken)
-    source = "" if run.settings.delete_source else os.path.join(processed_dir, name)
+        name = filed_name(_filing_name(rec), result.sha256, name_taken)
+        source = "" if run.settings.delete_source else os.path.join(processed_dir, name)
+        return [source, "" if owner else os.path.join(extracted_dir, codecs.output_name(name, result.format))]
+
+    source, target = ledger.reserve(rec, choose)
     if owner is not None:
         os.unlink(tmp)
-        ledger.claim_paths(rec, source)
         due = ledger.change(rec, status=EXTRACTED, duplicate_of=owner, source_path=source)
         emit(run, 20, f"duplicate of already processed content ({owner}); not extracted again", rec,
              operation="verify")
     else:
-        target = os.path.join(extracted_dir, codecs.output_name(name, result.format))
-        if rec.origin == "local" and name != rec.local_name:
-            emit(run, 30, f"a file dropped in incoming/ has the name of another file; filed as {label(name)}",
-                 rec, operation="place")
+        if rec.origin == "local" and os.path.basename(target) != codecs.output_name(rec.local_name, result.format):
+            emit(run, 30, "a file dropped in incoming/ has the name of another file; extracted as "
+                 f"{label(os.path.basename(target))}", rec, operation="place")
         os.replace(tmp, target)
         crashpoint("place")
-        ledger.claim_paths(rec, target, source)
         due = ledger.change(rec, nbytes=result.size, status=EXTRACTED, extracted_path=target,
                             extracted_size=result.size, extracted_sha256=result.out_sha256, source_path=source)
         emit(run, 20, "extracted", rec, operation="extract", bytes=result.size,

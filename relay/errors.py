@@ -84,3 +84,7 @@ class StateCorrupt(RelayError):
 
 class RunInterrupted(RelayError):
     """The run is stopping (Ctrl-C, SIGTERM): its ssh and rsync were ended and no new one starts."""
+
+
+class DiskFull(ArchiveError):
+    """No room to extract (ENOSPC, or below min_free_bytes): retrying at once cannot help."""

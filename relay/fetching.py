@@ -86,13 +86,16 @@ class _Batch:
 
     def _link(self, staged, rec):
         # A hard link never replaces what is there (a hand drop that arrived since the plan).
-        try:
-            os.link(staged, os.path.join(self.incoming, rec.local_name))
-        except FileExistsError:
-            rec.local_name = f"{os.path.basename(rec.remote_path)}~{rec.key[:8]}"
-            os.replace(staged, os.path.join(self.incoming, rec.local_name))
+        base = os.path.basename(rec.remote_path)
+        for name in (rec.local_name, f"{base}~{rec.key[:8]}", *(f"{base}~{rec.key[:8]}.{n}" for n in range(1, 100))):
+            try:
+                os.link(staged, os.path.join(self.incoming, name))
+            except FileExistsError:
+                continue
+            rec.local_name = name
+            os.unlink(staged)
             return
-        os.unlink(staged)
+        raise FileExistsError(f"{self.incoming}: no free name for {label(base)}")
 
     def on_report(self, name):
         # rsync logs a file just before renaming it into place, one file after the other: when it

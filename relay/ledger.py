@@ -36,9 +36,16 @@ class Ledger:
     # --- reads ---------------------------------------------------------------------------
 
     def adopt(self, records):
-        """Make the plan's records the run's own (a record already adopted stays the one in use)."""
+        """Make the plan's records the run's own. A record this run already changed or works on stays
+        the one in use; one only read from the store gives way to the plan's (its newer decision)."""
         with self._lock:
-            return [self._records.setdefault(rec.key, rec) for rec in records]
+            adopted = []
+            for rec in records:
+                held = self._records.get(rec.key)
+                if held is None or held is rec or (held.run_id != self.run_id and rec.key not in self._working):
+                    self._records[rec.key] = held = rec
+                adopted.append(held)
+            return adopted
 
     def record(self, key):
         """The run's record of `key`: adopted by a plan, else read from the store once and adopted."""
@@ -98,6 +105,14 @@ class Ledger:
             owner = self._paths.get((rec.server, path)) or self.store.path_owner(rec.server, path)
             return owner is not None and owner != rec.key
 
+    def reserve(self, rec, choose):
+        """Call `choose(taken)` and claim the paths it returns for `rec`, all under the lock, so two
+        workers never pick one name; `taken(path)` says whether another record owns a path."""
+        with self._lock:
+            paths = choose(lambda path: self.path_taken(rec, path))
+            self.claim_paths(rec, *paths)
+            return paths
+
     def claim_paths(self, rec, *paths):
         """Claim `paths` under the data tree for `rec`."""
         with self._lock:
@@ -136,7 +151,11 @@ class Ledger:
             self._last_flush = time.monotonic()
             if not batch:
                 return
-            durable.syncfs(self.data_root)
+            try:
+                durable.syncfs(self.data_root)
+            except BaseException:
+                self._dirty.update({r.key: r for r in batch})
+                raise
             finished = [r for r in batch if r.status == EXTRACTED]
             sources = {r.key: r.source_path for r in finished}
             for rec in finished:

@@ -130,7 +130,9 @@ class _Planner:
         """Unfinished records not listed now: local copies go on; the rest wait or are superseded (a
         parked version whose path now holds another one too: that file changed on the server)."""
         for rec in self.unfinished.values():
-            if rec.status == ERROR and rec.origin == "remote" and rec.remote_path in listed_paths:
+            # Not for error/extract: its copy there is the only one of that version.
+            if rec.status == ERROR and rec.origin == "remote" and rec.error_kind != "extract" and \
+                    rec.remote_path in listed_paths:
                 self.plan.superseded.append(rec)
             elif rec.status == ERROR:
                 self.plan.parked.append(rec)

@@ -78,6 +78,9 @@ class Run:
                               "state database (that directory is no longer read)", extra={"operation": "state"})
             self.ledger = Ledger(self.store, self.run_id, settings.data_root, settings.delete_source)
             self.layout.make_tree(s.name for s in settings.enabled_servers)
+            if self.store.meta("clean") == "no":
+                sweep_unowned(self)  # the last run was killed: outputs it never recorded are redone
+            self.store.set_meta("clean", "no")
             self.children = Children()
             self.connections = {s.name: Connection(settings, s, self.environ, children=self.children)
                                 for s in settings.servers}
@@ -126,6 +129,8 @@ class Run:
         try:
             self.ledger.flush()
             durable.syncfs(self.settings.data_root)  # the last sources moved after the last commit
+            if not self.stopping.is_set():
+                self.store.set_meta("clean", "yes")
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.store.close()
@@ -220,6 +225,25 @@ def sweep(run):
     if removed:
         run.log.info(f"swept {removed} temp file(s) left by an interrupted run",
                      extra={"operation": "sweep"})
+
+
+def sweep_unowned(run):
+    """Remove files under extracted/ and processed/ that no record owns: outputs a killed run made
+    before its transaction. Their records were not committed, so the files are done again; left
+    there, one could double lines once its content is recorded under another name (a rename)."""
+    removed = 0
+    for server in run.settings.enabled_servers:
+        for directory in (run.layout.extracted(server.name), run.layout.processed(server.name)):
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and run.store.path_owner(server.name, entry.path) is None:
+                    removed += _unlink(entry.path)
+    if removed:
+        run.log.info(f"removed {removed} output file(s) an interrupted run made but never recorded; they are "
+                     "done again", extra={"operation": "sweep"})
 
 
 def _unlink(path):

@@ -85,7 +85,10 @@ class Store:
         if readonly and not os.path.exists(self.path):
             return  # nothing recorded yet: every read answers empty
         try:
-            uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+            # Read-only with no run going (no -wal file): immutable, so that not even SQLite's
+            # -shm/-wal files are created (`doit list` writes nothing).
+            quiet = readonly and not os.path.exists(self.path + "-wal")
+            uri = f"file:{self.path}?mode=ro" + ("&immutable=1" if quiet else "") if readonly else f"file:{self.path}"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30,
                                        isolation_level=None)
             if not readonly:

@@ -104,7 +104,9 @@ def _labelled(records):
 def plan_tasks(run):
     """`plan:<server>`: one SSH round trip listing the server, and the plan of its work."""
     for server in run.settings.enabled_servers:
+        # After the server's recover tasks: a recovery's changes are in the store before the plan reads it.
         yield {"name": server.name, "actions": [(actions.list_action, [run, server.name])], "uptodate": [False],
+               "task_dep": [f"recover:{kind}/{server.name}" for kind in ERROR_KINDS],
                "io": NO_CAPTURE, "doc": f"list {server.name} and plan its work"}
 
 
@@ -129,7 +131,7 @@ def extract_tasks(run, known):
                    "actions": [(actions.file_action, [run, server.name, rec.key, rec if rec.origin == "local" else None])],
                    "io": NO_CAPTURE, "uptodate": [False], "doc": doc}
         yield {"name": server.name, "actions": [(actions.extract_action, [run, server.name])],
-               "task_dep": [*(f"recover:{kind}/{server.name}" for kind in ERROR_KINDS), f"fetch:{server.name}"],
+               "task_dep": [f"fetch:{server.name}"],
                "uptodate": [False], "io": NO_CAPTURE,
                "doc": f"everything for {server.name}: list, fetch, verify, extract and file"}
 

@@ -73,6 +73,7 @@ def test_list_info_help_forget_touch_no_server_take_no_lock_and_work_during_a_ru
     env.doit("run", check=1)  # bad.gz parked
     tree, state = env.tree(), (env.state / "state.db").read_bytes()
     env.configure(env={"SSH_CONNECT_TIMEOUT": "120", "SSH_CONTROL_PERSIST": "1"})
+    state_files = sorted(os.listdir(env.state))
     sshds = [server.proc.pid for server in env.box.servers]
     for pid in sshds:  # a command that contacted a server now would hang
         os.kill(pid, signal.SIGSTOP)
@@ -92,6 +93,7 @@ def test_list_info_help_forget_touch_no_server_take_no_lock_and_work_during_a_ru
         for pid in sshds:
             os.kill(pid, signal.SIGCONT)
     assert env.tree() == tree and (env.state / "state.db").read_bytes() == state
+    assert sorted(os.listdir(env.state)) == state_files  # not even SQLite's -wal/-shm files
 
 
 def quick(env, *args, ok=(0,)):
