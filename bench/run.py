@@ -242,6 +242,9 @@ class Bench(FleetWorkloads):
             "ours_s": round(ours_med, 3),
             "naive_s": round(naive_med, 3),
             "ratio": round(ours_med / naive_med, 3),
+            # Each round's times, in order: on a shared host the spread says how far to trust the medians.
+            "ours_runs_s": [round(t, 3) for t in ours_t],
+            "naive_runs_s": [round(t, 3) for t in naive_t],
             "ours_peak_rss_mb": round(max(rss), 1),
             "ours_machine_cpu_s": round(statistics.median(ours_cpu), 2),
             "naive_machine_cpu_s": round(statistics.median(naive_cpu), 2),
