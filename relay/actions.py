@@ -7,7 +7,7 @@ import sys
 
 from doit.exceptions import TaskFailed
 
-from . import engine, logs
+from . import engine, logs, parking
 from .errors import RelayError
 from .records import COPIED, ERROR, PENDING, PROCESSED, SUPERSEDED, Record, label, version_key
 
@@ -20,12 +20,14 @@ RECOVER_HINT = {
 
 def _guarded(fn):
     """An action that turns expected failures (RelayError) into one-line task failures."""
+
     @functools.wraps(fn)  # doit reads the signature (through __wrapped__) to pass task parameters
     def action(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RelayError as exc:
             return TaskFailed(logs.printable(str(exc)))
+
     return action
 
 
@@ -44,8 +46,10 @@ def fetch_action(run, server, only=""):
     plan = run.plans.get(server)
     due = {label(os.path.basename(r.remote_path)): r for r in plan.due if r.status == PENDING} if plan else {}
     if only not in due:
-        return TaskFailed(f"{server}: no file called {only!r} is due for fetching "
-                          f"(due: {', '.join(sorted(due)) or 'none'}); see `doit list --all`")
+        return TaskFailed(
+            f"{server}: no file called {only!r} is due for fetching "
+            f"(due: {', '.join(sorted(due)) or 'none'}); see `doit list --all`"
+        )
     return engine.fetch_server(run, server, [due[only]])
 
 
@@ -72,8 +76,15 @@ def _as_drop(run, rec):
     if local is None:  # gone since the plan: nothing to take
         return None
     key = version_key(rec.server, "local", local.name, local.size, local.mtime)
-    return Record(key=key, server=rec.server, origin="local", local_name=local.name, size=local.size,
-                  mtime=local.mtime, status=COPIED)
+    return Record(
+        key=key,
+        server=rec.server,
+        origin="local",
+        local_name=local.name,
+        size=local.size,
+        mtime=local.mtime,
+        status=COPIED,
+    )
 
 
 def _extract_all(run, records):
@@ -91,20 +102,37 @@ def summary(run, server):
     duplicates = sum(1 for r in changed if r.status == PROCESSED and r.duplicate_of)
     still_parked = len(run.store.parked(server))
     problems = list(run.problems.get(server, ())) + [
-        f"{label(r.name)} parked in error/{r.error_kind}/{server}: {r.last_error}" for r in parked_now]
-    where = f" ({still_parked} in all wait in {run.settings.data_root}/error/*/{server}/: `doit list` names them)" \
-        if still_parked else ""
-    line = (f"run summary: {len(processed)} file(s) processed, {duplicates} duplicate(s), "
-            f"{len(parked_now)} parked{where}{', listing failed' if server not in run.plans or not run.plans[server].listed else ''}")
-    logs.note(run.log, 30 if problems else 20, line, {
-        "server": server, "operation": "summary", "bytes": sum(r.extracted_size for r in processed),
-        "duration_ms": run.elapsed_ms()})
+        f"{label(r.name)} parked in error/{r.error_kind}/{server}: {r.last_error}" for r in parked_now
+    ]
+    where = (
+        f" ({still_parked} in all wait in {run.settings.data_root}/error/*/{server}/: `doit list` names them)"
+        if still_parked
+        else ""
+    )
+    unlisted = server not in run.plans or not run.plans[server].listed
+    line = (
+        f"run summary: {len(processed)} file(s) processed, {duplicates} duplicate(s), "
+        f"{len(parked_now)} parked{where}{', listing failed' if unlisted else ''}"
+    )
+    logs.note(
+        run.log,
+        30 if problems else 20,
+        line,
+        {
+            "server": server,
+            "operation": "summary",
+            "bytes": sum(r.extracted_size for r in processed),
+            "duration_ms": run.elapsed_ms(),
+        },
+    )
     sys.stdout.write(f"{server}: {line}\n")  # one write: doit's reporter writes from other threads
     sys.stdout.flush()
     if not problems:
         return True
-    hints = [f"then recover with: doit forget -s recover:{kind}/{server} && doit run  ({RECOVER_HINT[kind]})"
-             for kind in sorted({r.error_kind for r in parked_now})]
+    hints = [
+        f"then recover with: doit forget -s recover:{kind}/{server} && doit run  ({RECOVER_HINT[kind]})"
+        for kind in sorted({r.error_kind for r in parked_now})
+    ]
     return TaskFailed(logs.printable("\n  ".join([f"{server}: {len(problems)} problem(s):", *problems, *hints])))
 
 
@@ -120,8 +148,12 @@ def file_action(run, server, key, dropped=None):
     if known.origin == "remote":
         plan = run.plans.get(server) or engine.list_server(run, server)
         if not plan.listed:
-            return TaskFailed(logs.printable(f"{server}: could not list the server, so {label(known.name)} "
-                                             f"was not done: {'; '.join(run.problems.get(server, ()))}"))
+            return TaskFailed(
+                logs.printable(
+                    f"{server}: could not list the server, so {label(known.name)} "
+                    f"was not done: {'; '.join(run.problems.get(server, ()))}"
+                )
+            )
         todo = [r for r in plan.due + plan.parked if r.remote_path == known.remote_path]
     else:
         rec = run.ledger.adopt([run.ledger.record(key) or known])[0]
@@ -130,23 +162,30 @@ def file_action(run, server, key, dropped=None):
     run.ledger.flush()
     for rec in todo:
         if rec.status == ERROR:
-            return TaskFailed(logs.printable(
-                f"{server}: {label(rec.name)} parked in error/{rec.error_kind}/{server}: {rec.last_error}\n"
-                f"  fix it, then run this task again ({RECOVER_HINT[rec.error_kind]})"))
+            return TaskFailed(
+                logs.printable(
+                    f"{server}: {label(rec.name)} parked in error/{rec.error_kind}/{server}: {rec.last_error}\n"
+                    f"  fix it, then run this task again ({RECOVER_HINT[rec.error_kind]})"
+                )
+            )
         if rec.status == PENDING:
-            return TaskFailed(logs.printable(f"{server}: {label(rec.name)} could not be fetched: "
-                                             f"{'; '.join(run.problems.get(server, ())) or 'see the log'}"))
+            return TaskFailed(
+                logs.printable(
+                    f"{server}: {label(rec.name)} could not be fetched: "
+                    f"{'; '.join(run.problems.get(server, ())) or 'see the log'}"
+                )
+            )
     return True
 
 
 def _retry(run, server, records):
     """Unpark `records` (fresh attempt counters) and bring each through the stages left."""
-    kept = {rec.key: engine.unpark(run, rec) for rec in records if rec.status == ERROR}
+    kept = {rec.key: parking.unpark(run, rec) for rec in records if rec.status == ERROR}
     pending = [r for r in records if r.status == PENDING]
     if pending:
         engine.fetch_server(run, server, pending)
     for rec in records:
-        engine.settle_kept_copy(run, rec, kept.get(rec.key, ""))
+        parking.settle_kept_copy(run, rec, kept.get(rec.key, ""))
     _extract_all(run, [r for r in records if r.status == COPIED])
 
 
@@ -157,8 +196,12 @@ def recover_action(run, server, kind):
     run.start()
     parked = [r for r in run.ledger.adopt(run.store.parked(server)) if r.error_kind == kind and r.status == ERROR]
     if parked:
-        logs.note(run.log, 20, f"recovering {len(parked)} file(s) from error/{kind}",
-                  {"server": server, "operation": "recover"})
+        logs.note(
+            run.log,
+            20,
+            f"recovering {len(parked)} file(s) from error/{kind}",
+            {"server": server, "operation": "recover"},
+        )
         _retry(run, server, parked)
         run.ledger.flush()
     # Remembered by doit whatever became of the files: one that fails again is parked again (and

@@ -3,23 +3,23 @@
 import errno
 import hashlib
 import os
+import types
 import zlib
 from typing import NamedTuple
 
-import types
+from . import durable
+from .errors import ArchiveError, CorruptArchive, DiskFull, SourceChanged, SourceGone
+from .faults import crashpoint
 
 _zlib: types.ModuleType
 _CORRUPT: tuple[type[BaseException], ...]
 try:
     from isal import isal_zlib as _zlib
+
     _CORRUPT = (zlib.error, _zlib.error)
 except ImportError:  # pragma: no cover - isal is a declared dependency; stdlib zlib is the fallback
     _zlib = zlib
     _CORRUPT = (zlib.error,)
-
-from . import durable
-from .errors import ArchiveError, CorruptArchive, DiskFull, SourceChanged, SourceGone
-from .faults import crashpoint
 
 CHUNK = 1 << 18  # 256 KiB pieces stay in cache between inflate, hash and write (measured faster than 1 MiB)
 MAGIC = {b"\x1f\x8b": "gzip"}
@@ -107,8 +107,9 @@ class _OpenChecked:
             raise SourceGone(f"{self.name}: no longer there") from None
         st = os.fstat(self.fd)
         expect = self.expect
-        if expect is not None and (st.st_size != expect[0] or
-                                   (expect[1] is not None and int(st.st_mtime) != expect[1])):
+        if expect is not None and (
+            st.st_size != expect[0] or (expect[1] is not None and int(st.st_mtime) != expect[1])
+        ):
             os.close(self.fd)
             raise SourceChanged(f"{self.name}: {st.st_size} bytes, {expect[0]} expected", st.st_size)
         return self.fd, st.st_size
@@ -124,8 +125,11 @@ def _inflate_stream(src_fd, size, name, sink):
     block = os.read(src_fd, step)
     fmt = detect_format(block)
     if fmt not in SUPPORTED:
-        raise CorruptArchive(f"{name}: empty file" if not block else
-                             f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})")
+        raise CorruptArchive(
+            f"{name}: empty file"
+            if not block
+            else f"{name}: unknown format (magic bytes match none of {', '.join(SUPPORTED)})"
+        )
     in_sha = hashlib.sha256()
     decomp = _zlib.decompressobj(31)
     while block:
@@ -178,15 +182,18 @@ class _Sink:
             return
         self.written += len(piece)
         if self.written > self.max_bytes:
-            raise CorruptArchive(f"{self.name}: output exceeds max_extracted_bytes ({self.max_bytes}); "
-                                 "treated as a decompression bomb")
+            raise CorruptArchive(
+                f"{self.name}: output exceeds max_extracted_bytes ({self.max_bytes}); treated as a decompression bomb"
+            )
         if self.written > self.budget:
             self.budget = _free_bytes(self.directory) - self.min_free + self.written
             if self.written > self.budget:
-                raise DiskFull(f"{self.directory}: not enough free space to extract {self.name} "
-                                   f"(min_free_bytes {self.min_free}); free some space and rerun")
+                raise DiskFull(
+                    f"{self.directory}: not enough free space to extract {self.name} "
+                    f"(min_free_bytes {self.min_free}); free some space and rerun"
+                )
         self.sha.update(piece)
         view = memoryview(piece)
         while view:
-            view = view[os.write(self.out, view):]
+            view = view[os.write(self.out, view) :]
         crashpoint("extract")

@@ -56,12 +56,15 @@ ENV_SCHEMA = {
     "RETRY_DELAY_BASE": {**_NONNEG_FLOAT, "default": 60.0},
     "RETRY_DELAY_MAX": {**_NONNEG_FLOAT, "default": 600.0},
     "LOG_FORMAT": {"type": "string", "allowed": ["json", "text"], "default": "json"},
-    "LOG_LEVEL": {"type": "string", "coerce": str.upper,
-                  "allowed": ["DEBUG", "INFO", "WARNING", "ERROR"], "default": "INFO"},
+    "LOG_LEVEL": {
+        "type": "string",
+        "coerce": str.upper,
+        "allowed": ["DEBUG", "INFO", "WARNING", "ERROR"],
+        "default": "INFO",
+    },
     "SSH_KNOWN_HOSTS": {**_PATH, "default": str(Path.home() / ".ssh" / "known_hosts")},
     "SSH_IDENTITY_FILE": {**_PATH, "nullable": True, "default": None},
-    "SSH_STRICT_HOST_KEY_CHECKING": {"type": "string", "allowed": ["yes", "accept-new"],
-                                     "default": "yes"},
+    "SSH_STRICT_HOST_KEY_CHECKING": {"type": "string", "allowed": ["yes", "accept-new"], "default": "yes"},
     "SSH_CONNECT_TIMEOUT": {**_POS_INT, "default": 10},
     "SSH_SERVER_ALIVE_INTERVAL": {**_POS_INT, "default": 15},
     "SSH_SERVER_ALIVE_COUNT_MAX": {**_POS_INT, "default": 3},
@@ -70,15 +73,16 @@ ENV_SCHEMA = {
 }
 
 SERVER_SCHEMA = {
-    "name": {"type": "string", "required": True, "regex": SERVER_NAME_RE,
-             "forbidden": list(RESERVED_NAMES)},
+    "name": {"type": "string", "required": True, "regex": SERVER_NAME_RE, "forbidden": list(RESERVED_NAMES)},
     "host": {"type": "string", "required": True, "empty": False, "regex": HOST_RE},
     "user": {"type": "string", "required": True, "empty": False, "regex": USER_RE},
-    "remote_path": {"required": True, "anyof": [
-        {"type": "string", "regex": r"^/[^\n\x00]*$"},
-        {"type": "list", "minlength": 1,
-         "schema": {"type": "string", "regex": r"^/[^\n\x00]*$"}},
-    ]},
+    "remote_path": {
+        "required": True,
+        "anyof": [
+            {"type": "string", "regex": r"^/[^\n\x00]*$"},
+            {"type": "list", "minlength": 1, "schema": {"type": "string", "regex": r"^/[^\n\x00]*$"}},
+        ],
+    },
     "enabled": {"type": "boolean", "default": True},
     "port": {"type": "integer", "min": 1, "max": 65535, "default": 22},
     "identity_file": {"type": "string", "regex": ABSOLUTE_RE, "nullable": True, "default": None},
@@ -87,8 +91,7 @@ SERVER_SCHEMA = {
 }
 
 SOURCES_SCHEMA = {
-    "servers": {"type": "list", "required": True,
-                "schema": {"type": "dict", "schema": SERVER_SCHEMA}},
+    "servers": {"type": "list", "required": True, "schema": {"type": "dict", "schema": SERVER_SCHEMA}},
 }
 
 PIPELINE_SCHEMA = {
@@ -185,8 +188,10 @@ def _hint(field, error):
         tilde = " (~ is not expanded here: write the home directory out)" if str(error.value).startswith("~") else ""
         return f"{error.value} is a relative path; it must be absolute (start with /){tilde}"
     if field == "SSH_STRICT_HOST_KEY_CHECKING" and error.rule == "allowed":
-        return ("host keys are always checked: use accept-new to learn the key of a new server "
-                "(a changed key is still refused), or yes to accept known keys only")
+        return (
+            "host keys are always checked: use accept-new to learn the key of a new server "
+            "(a changed key is still refused), or yes to accept known keys only"
+        )
     return None
 
 
@@ -222,16 +227,19 @@ def _validate(document, schema, filename, named=None):
         if named is None:
             lines = [f"{filename}: {line}" for line in flatten_errors(validator.errors)]
         else:  # a flat schema (.env): every problem is a string under its key
-            lines = [f"{named(key)}: {problem}" for key, problems in sorted(validator.errors.items())
-                     for problem in problems]
+            lines = [
+                f"{named(key)}: {problem}" for key, problems in sorted(validator.errors.items()) for problem in problems
+            ]
         raise ConfigError("\n".join(lines))
     return validator.document
 
 
 def _not_found(path):
     example = DEFAULT_CONFIG_DIR / f"{path.name}.example"
-    return ConfigError(f"{path}: file not found; copy {path.name}.example and edit it: cp {example} {path} "
-                       "(or set RELAY_CONFIG_DIR to the directory that holds it)")
+    return ConfigError(
+        f"{path}: file not found; copy {path.name}.example and edit it: cp {example} {path} "
+        "(or set RELAY_CONFIG_DIR to the directory that holds it)"
+    )
 
 
 def _unreadable(path, exc):
@@ -290,8 +298,10 @@ def read_env(config_dir, environ):
     from_file = _read_dotenv(env_path, environ)
     for key in SECRET_KEYS:
         if key in from_file:
-            raise ConfigError(f"{env_path}: {key}: a password must not be stored in a file; "
-                              f"remove it and export {key} in the environment of the run instead")
+            raise ConfigError(
+                f"{env_path}: {key}: a password must not be stored in a file; "
+                f"remove it and export {key} in the environment of the run instead"
+            )
     from_environment = {k: environ[k] for k in ENV_SCHEMA if k in environ}
     named = functools.partial(_where, env_path, from_environment)
     return _validate({**from_file, **from_environment}, ENV_SCHEMA, env_path, named), from_environment
@@ -321,19 +331,23 @@ def check_directories(env, named):
         path = Path(env[key])
         anchor = _nearest_existing(path)
         if not anchor.is_dir():
-            raise ConfigError(f"{named(key)}: {path}: {anchor} is not a directory; point {key} "
-                              "at a directory")
+            raise ConfigError(f"{named(key)}: {path}: {anchor} is not a directory; point {key} at a directory")
         # Before os.access: that says "not writable" for a read-only mount too, without saying why.
         if os.statvfs(anchor).f_flag & os.ST_RDONLY:
-            raise ConfigError(f"{named(key)}: {path} is on a read-only filesystem; remount it read-write "
-                              f"or point {key} elsewhere")
+            raise ConfigError(
+                f"{named(key)}: {path} is on a read-only filesystem; remount it read-write or point {key} elsewhere"
+            )
         if os.access(anchor, os.W_OK | os.X_OK):
             continue
         if anchor != path:
-            raise ConfigError(f"{named(key)}: {path} does not exist and cannot be created in {anchor} "
-                              f"(not writable); create it, or point {key} somewhere writable")
-        raise ConfigError(f"{named(key)}: {path} is not writable by this user (uid {os.getuid()}); "
-                          f"give it write permission, or point {key} somewhere writable")
+            raise ConfigError(
+                f"{named(key)}: {path} does not exist and cannot be created in {anchor} "
+                f"(not writable); create it, or point {key} somewhere writable"
+            )
+        raise ConfigError(
+            f"{named(key)}: {path} is not writable by this user (uid {os.getuid()}); "
+            f"give it write permission, or point {key} somewhere writable"
+        )
 
 
 def check_same_filesystem(env, named):
@@ -341,17 +355,21 @@ def check_same_filesystem(env, named):
     data_dev = _nearest_existing(env["DATA_ROOT"]).stat().st_dev
     tmp_dev = _nearest_existing(env["TMP_DIR"]).stat().st_dev
     if data_dev != tmp_dev:
-        raise ConfigError(f"{named('TMP_DIR')}: {env['TMP_DIR']} is not on the same filesystem as "
-                          f"DATA_ROOT {env['DATA_ROOT']}; files are published by rename, so choose a "
-                          "TMP_DIR on that filesystem")
+        raise ConfigError(
+            f"{named('TMP_DIR')}: {env['TMP_DIR']} is not on the same filesystem as "
+            f"DATA_ROOT {env['DATA_ROOT']}; files are published by rename, so choose a "
+            "TMP_DIR on that filesystem"
+        )
 
 
 def load_settings(config_dir=None, environ=None):
     """Read and validate all three configuration files; raise ConfigError naming file and key."""
     environ = os.environ if environ is None else environ
     if not config_dir and environ.get("RELAY_CONFIG_DIR") and not Path(environ["RELAY_CONFIG_DIR"]).is_dir():
-        raise ConfigError(f"RELAY_CONFIG_DIR={environ['RELAY_CONFIG_DIR']} (from the environment): no such "
-                          "directory; point it at the directory that holds .env, sources.conf and pipeline.conf")
+        raise ConfigError(
+            f"RELAY_CONFIG_DIR={environ['RELAY_CONFIG_DIR']} (from the environment): no such "
+            "directory; point it at the directory that holds .env, sources.conf and pipeline.conf"
+        )
     config_dir = Path(config_dir or environ.get("RELAY_CONFIG_DIR") or DEFAULT_CONFIG_DIR).resolve()
     if not config_dir.is_dir():
         raise ConfigError(f"{config_dir}: configuration directory not found (set RELAY_CONFIG_DIR)")

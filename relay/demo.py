@@ -21,8 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _doit(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args], env=env,
-                          cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
 
 
 def report(work, servers):
@@ -35,7 +40,9 @@ def report(work, servers):
             extracted = [r for r in records if r["extracted_path"]]
             duplicates = [r for r in records if r["duplicate_of"]]
             parked = [r for r in records if r["status"] == "error"]
-            lines.append(f"{server.name}: extracted {len(extracted)}, duplicates {len(duplicates)}, parked {len(parked)}")
+            lines.append(
+                f"{server.name}: extracted {len(extracted)}, duplicates {len(duplicates)}, parked {len(parked)}"
+            )
             for r in extracted:
                 lines.append(f"    extracted  {r['extracted_path']}  ({r['extracted_size']} bytes)")
             for r in parked:
@@ -48,12 +55,15 @@ def report(work, servers):
 def rotate(server):
     """A numbered rotation as logrotate makes it: every app.log.N.gz becomes N+1, a new app.log.1.gz."""
     remote = Path(server.remote_dir)
-    numbered = sorted((p for p in remote.glob("app.log.*.gz") if p.name.split(".")[2].isdigit()),
-                      key=lambda p: -int(p.name.split(".")[2]))
+    numbered = sorted(
+        (p for p in remote.glob("app.log.*.gz") if p.name.split(".")[2].isdigit()),
+        key=lambda p: -int(p.name.split(".")[2]),
+    )
     for path in numbered:
         path.rename(remote / f"app.log.{int(path.name.split('.')[2]) + 1}.gz")
-    sandbox.write_gz(str(remote / "app.log.1.gz"), sandbox.log_lines(random.Random("rotated"), 2000),
-                     mtime=int(time.time()) - 3600)
+    sandbox.write_gz(
+        str(remote / "app.log.1.gz"), sandbox.log_lines(random.Random("rotated"), 2000), mtime=int(time.time()) - 3600
+    )
 
 
 def main(argv=None):
@@ -82,8 +92,10 @@ def main(argv=None):
         print(second.stdout + second.stderr)
         print(f"exit status {second.returncode}\n")
         rotate(box.servers[0])
-        print("$ doit run   # after logrotate's numbered rotation on srv1: one new file; the renamed ones are "
-              "recognised on the server (sha256sum), not transferred again")
+        print(
+            "$ doit run   # after logrotate's numbered rotation on srv1: one new file; the renamed ones are "
+            "recognised on the server (sha256sum), not transferred again"
+        )
         third = _doit(["run"], env, str(work))
         print(third.stdout + third.stderr)
         print(f"exit status {third.returncode}\n")

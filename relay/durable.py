@@ -73,7 +73,7 @@ def _publish(path, data, sync):
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if sync:
                 os.fsync(fd)
             st = os.fstat(fd)  # a rename keeps size and mtime

@@ -5,9 +5,7 @@ import fnmatch
 import os
 import time
 
-import msgspec
-
-from . import codecs, durable, fetching, layout, logs
+from . import codecs, durable, fetching, layout, logs, parking
 from .errors import ArchiveError, CorruptArchive, DiskFull, RemoteError, SourceChanged, SourceGone
 from .faults import crashpoint
 from .ledger import incoming_path, move_source
@@ -18,13 +16,11 @@ from .retry import call_with_retry
 
 def emit(run, level, message, rec=None, **fields):
     """Log one structured event (about `rec`, if given)."""
-    if rec is not None:
-        fields.setdefault("server", rec.server)
-        fields.setdefault("file", label(rec.name))
-    logs.note(run.log, level, message, fields)
+    logs.about(run.log, level, message, rec, **fields)
 
 
 # --- list and plan ---------------------------------------------------------------------------
+
 
 def scan_incoming(run, server):
     """The regular files in incoming/<server>/ (other kinds are said and left alone)."""
@@ -40,20 +36,35 @@ def _listing(run, server):
     started = time.monotonic()
     try:
         entries = call_with_retry(
-            run.connections[server.name].list_files, attempts=settings.max_retry_copy,
-            base=settings.retry_delay_base, cap=settings.retry_delay_max,
+            run.connections[server.name].list_files,
+            attempts=settings.max_retry_copy,
+            base=settings.retry_delay_base,
+            cap=settings.retry_delay_max,
             is_transient=lambda e: getattr(e, "transient", False),
-            fields={"server": server.name, "operation": "list"}, interrupted=run.stopping)
+            fields={"server": server.name, "operation": "list"},
+            interrupted=run.stopping,
+        )
     except RemoteError as exc:
         run.problems.setdefault(server.name, []).append(f"listing failed: {exc}")
         emit(run, 40, f"listing failed: {exc}", server=server.name, operation="list", error=str(exc))
         return None
-    emit(run, 20, f"listed {len(entries)} path(s)", server=server.name, operation="list",
-         duration_ms=round((time.monotonic() - started) * 1000, 1))
+    emit(
+        run,
+        20,
+        f"listed {len(entries)} path(s)",
+        server=server.name,
+        operation="list",
+        duration_ms=round((time.monotonic() - started) * 1000, 1),
+    )
     for pattern in server.remote_paths:
         if not any(fnmatch.fnmatchcase(e.path, pattern.rstrip("/")) for e in entries):
-            emit(run, 30, f"remote_path {pattern} matched nothing (no such directory, or no file yet)",
-                 server=server.name, operation="list")
+            emit(
+                run,
+                30,
+                f"remote_path {pattern} matched nothing (no such directory, or no file yet)",
+                server=server.name,
+                operation="list",
+            )
     return entries
 
 
@@ -65,9 +76,17 @@ def list_server(run, server_name):
     store = run.store
     incoming = scan_incoming(run, server_name)
     named = {f.name: store.processed_named(server_name, f.name) for f in incoming}
-    plan = plan_server(server_name, entries=entries, incoming=incoming, known=store.known(server_name),
-                       unfinished=store.unfinished(server_name), processed_named=named, now=time.time(),
-                       min_age=run.settings.min_file_age_seconds, take_drops=run.take_drops)
+    plan = plan_server(
+        server_name,
+        entries=entries,
+        incoming=incoming,
+        known=store.known(server_name),
+        unfinished=store.unfinished(server_name),
+        processed_named=named,
+        now=time.time(),
+        min_age=run.settings.min_file_age_seconds,
+        take_drops=run.take_drops,
+    )
     ledger = run.ledger
     plan.due = [r for r in ledger.adopt(plan.due) if r.status in (PENDING, COPIED, EXTRACTED)]
     plan.parked = ledger.adopt(plan.parked)
@@ -75,8 +94,14 @@ def list_server(run, server_name):
         emit(run, 20, f"skipped {label(skip.path)}: {skip.reason}", server=server_name, operation="list")
     for rec in ledger.adopt(plan.superseded):
         if rec.status == ERROR:
-            emit(run, 20, f"parked version superseded: the server now has another version of the file (it is "
-                 f"planned as such); {label(rec.source_path)} is left for you to delete", rec, operation="recover")
+            emit(
+                run,
+                20,
+                f"parked version superseded: the server now has another version of the file (it is "
+                f"planned as such); {label(rec.source_path)} is left for you to delete",
+                rec,
+                operation="recover",
+            )
         ledger.change(rec, status=SUPERSEDED)
     for rec in plan.due:
         ledger.change(rec)  # recorded as due: `doit list` shows it, `doit run extract:S/FILE` finds it
@@ -87,6 +112,7 @@ def list_server(run, server_name):
 
 # --- fetch ---------------------------------------------------------------------------------
 
+
 def fetch_server(run, server_name, records=None):
     """doit action of `fetch:<server>`: recognise renames on the server, then fetch the rest in one batch."""
     run.start()
@@ -95,7 +121,7 @@ def fetch_server(run, server_name, records=None):
         records = [r for r in plan.due if r.status == PENDING] if plan else []
     records = _renames(run, server_name, records, plan.probes if plan else {})
     if records:
-        fetching.fetch_batch(run, server_name, records, park)
+        fetching.fetch_batch(run, server_name, records, parking.park)
     run.ledger.flush()
     return True
 
@@ -109,97 +135,36 @@ def _renames(run, server_name, records, probes):
     try:
         hashes = run.connections[server_name].remote_sha256([r.remote_path for r in candidates])
     except RemoteError as exc:
-        emit(run, 30, f"could not hash on the server ({exc}); fetching instead", server=server_name,
-             operation="verify")
+        emit(run, 30, f"could not hash on the server ({exc}); fetching instead", server=server_name, operation="verify")
         return records
     if hashes is None:
-        emit(run, 20, "the server has no sha256sum: possible renames are fetched and compared here",
-             server=server_name, operation="verify")
+        emit(
+            run,
+            20,
+            "the server has no sha256sum: possible renames are fetched and compared here",
+            server=server_name,
+            operation="verify",
+        )
         return records
     renamed = set()
     for rec in candidates:
         sha = hashes.get(rec.remote_path)
         owner = run.ledger.content_owner(server_name, sha) if sha else None
         if owner is not None:
-            run.ledger.change(rec, status=PROCESSED, sha256=sha, duplicate_of=owner, source_path="",
-                              local_name="")
-            emit(run, 20, f"renamed copy of already processed content ({owner}); not transferred", rec,
-                 operation="verify")
+            run.ledger.change(rec, status=PROCESSED, sha256=sha, duplicate_of=owner, source_path="", local_name="")
+            emit(
+                run,
+                20,
+                f"renamed copy of already processed content ({owner}); not transferred",
+                rec,
+                operation="verify",
+            )
             renamed.add(rec.key)
     return [r for r in records if r.key not in renamed]
 
 
-# --- park ------------------------------------------------------------------------------------
-
-def park(run, rec, kind, error):
-    """Record a failed file parked in error/<kind>/<server>/, then move it there (or write why there).
-
-    The record first: a crash before the move leaves a parked record whose file is still in
-    incoming/, which a recovery takes from there (unpark looks where the file is)."""
-    message = str(error)
-    directory = run.layout.error(kind, rec.server)
-    os.makedirs(directory, exist_ok=True)
-    src = incoming_path(run.settings.data_root, rec)
-    moving = kind != "copy" and os.path.exists(src)
-    suffix = "" if moving else ".error.json"
-
-    def choose(taken):
-        name = filed_name(_filing_name(rec), rec.key, lambda n: taken(os.path.join(directory, n + suffix)))
-        return [os.path.join(directory, name + suffix)]
-
-    [target] = run.ledger.reserve(rec, choose)
-    run.ledger.change(rec, status=ERROR, error_kind=kind, last_error=logs.printable(message),
-                      source_path=target, parked_by=run.run_id)
-    run.ledger.flush()
-    if moving:
-        durable.move_durably(src, target)
-    else:
-        durable.write_atomic(target, msgspec.json.encode({"server": rec.server, "file": label(rec.name),
-                                                          "error": logs.printable(message), "run_id": run.run_id}))
-    emit(run, 40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
-
-
-def _filing_name(rec):
-    """The name a file is filed under: its remote base name, or the name it was dropped with."""
-    return os.path.basename(rec.remote_path) if rec.origin == "remote" else rec.local_name
-
-
-def unpark(run, rec):
-    """Bring a parked file back to the stage that failed, with fresh attempt counters. Returns the
-    path of a quarantined copy kept until a fresh fetch has landed (else it is extracted again)."""
-    stage = "fetch" if rec.error_kind == "copy" else "extract"
-    attempts = {k: v for k, v in rec.attempts.items() if k != stage}
-    status, kept = COPIED, ""
-    src = incoming_path(run.settings.data_root, rec)
-    if rec.origin == "remote" and rec.error_kind in ("copy", "quarantine"):
-        status = PENDING  # fetched afresh: the fault may have been in transit, or fixed on the server
-        if rec.source_path.endswith(".error.json"):
-            durable.unlink_durably(rec.source_path)
-        elif os.path.exists(rec.source_path):
-            kept = rec.source_path  # the only copy if the server no longer has the file
-    elif os.path.exists(rec.source_path) and not os.path.exists(src):
-        durable.move_durably(rec.source_path, src)
-    emit(run, 20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
-    run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts)
-    return kept
-
-
-def settle_kept_copy(run, rec, kept):
-    """After a recovery's fetch: drop the quarantined copy if a fresh one landed, else extract it again."""
-    if not kept or not os.path.exists(kept):
-        return
-    if rec.status == COPIED:
-        durable.unlink_durably(kept)
-        return
-    src = incoming_path(run.settings.data_root, rec)
-    if not os.path.exists(src):
-        durable.move_durably(kept, src)
-        run.ledger.change(rec, status=COPIED)
-        emit(run, 30, "the server no longer has this version: its quarantined copy is extracted again", rec,
-             operation="recover")
-
-
 # --- verify, extract, place ----------------------------------------------------------------
+
 
 def extract_file(run, rec):
     """Verify, extract and place one file whose copy is in incoming/ (a worker's job)."""
@@ -223,15 +188,20 @@ def _extract(run, rec):
 
     def once():
         run.ledger.attempt(rec, "extract")
-        return codecs.inflate(src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes,
-                              expect=expect)
+        return codecs.inflate(
+            src, tmp, max_bytes=settings.max_extracted_bytes, min_free=settings.min_free_bytes, expect=expect
+        )
 
     try:
-        result = call_with_retry(once, attempts=settings.max_retry_extract, base=settings.retry_delay_base,
-                                 cap=settings.retry_delay_max,
-                                 is_transient=lambda e: isinstance(e, ArchiveError) and not isinstance(e, DiskFull),
-                                 fields={"server": rec.server, "file": label(rec.name), "operation": "extract"},
-                                 interrupted=run.stopping)
+        result = call_with_retry(
+            once,
+            attempts=settings.max_retry_extract,
+            base=settings.retry_delay_base,
+            cap=settings.retry_delay_max,
+            is_transient=lambda e: isinstance(e, ArchiveError) and not isinstance(e, DiskFull),
+            fields={"server": rec.server, "file": label(rec.name), "operation": "extract"},
+            interrupted=run.stopping,
+        )
     except (SourceGone, SourceChanged) as exc:
         _source_moved(run, rec, src, exc)
         return
@@ -239,13 +209,19 @@ def _extract(run, rec):
         if rec.origin == "remote" and _still_changing(run, rec):
             durable.unlink_durably(src)
             run.ledger.change(rec, status=SUPERSEDED)
-            emit(run, 30, "truncated and still changing on the server; its final version is fetched once "
-                 "stable", rec, operation="extract", error=str(exc))
+            emit(
+                run,
+                30,
+                "truncated and still changing on the server; its final version is fetched once stable",
+                rec,
+                operation="extract",
+                error=str(exc),
+            )
             return
-        park(run, rec, "quarantine", exc)
+        parking.park(run, rec, "quarantine", exc)
         return
     except ArchiveError as exc:
-        park(run, rec, "extract", exc)
+        parking.park(run, rec, "extract", exc)
         return
     crashpoint("extract")
     _place(run, rec, tmp, result, started)
@@ -254,14 +230,24 @@ def _extract(run, rec):
 def _source_moved(run, rec, src, exc):
     if isinstance(exc, SourceGone):
         run.ledger.change(rec, status=PENDING if rec.origin == "remote" else SUPERSEDED)
-        emit(run, 30, "its copy left incoming/ before it was extracted; a remote file is fetched again",
-             rec, operation="verify")
+        emit(
+            run,
+            30,
+            "its copy left incoming/ before it was extracted; a remote file is fetched again",
+            rec,
+            operation="verify",
+        )
         return
     if rec.origin == "remote":
         durable.unlink_durably(src)
     run.ledger.change(rec, status=SUPERSEDED)  # another version of the file: planned as such next run
-    emit(run, 30, f"changed during the run (listed {rec.size} bytes, got {exc.size}); its new version is "
-         "processed once stable", rec, operation="verify")
+    emit(
+        run,
+        30,
+        f"changed during the run (listed {rec.size} bytes, got {exc.size}); its new version is processed once stable",
+        rec,
+        operation="verify",
+    )
 
 
 def _still_changing(run, rec):
@@ -284,7 +270,7 @@ def _place(run, rec, tmp, result, started):
             out = os.path.join(extracted_dir, codecs.output_name(name, result.format))
             return taken(os.path.join(processed_dir, name)) or (owner is None and taken(out))
 
-        name = filed_name(_filing_name(rec), result.sha256, name_taken)
+        name = filed_name(parking.filing_name(rec), result.sha256, name_taken)
         source = "" if run.settings.delete_source else os.path.join(processed_dir, name)
         return [source, "" if owner else os.path.join(extracted_dir, codecs.output_name(name, result.format))]
 
@@ -292,18 +278,37 @@ def _place(run, rec, tmp, result, started):
     if owner is not None:
         os.unlink(tmp)
         due = ledger.change(rec, status=EXTRACTED, duplicate_of=owner, source_path=source)
-        emit(run, 20, f"duplicate of already processed content ({owner}); not extracted again", rec,
-             operation="verify")
+        emit(run, 20, f"duplicate of already processed content ({owner}); not extracted again", rec, operation="verify")
     else:
         if rec.origin == "local" and os.path.basename(target) != codecs.output_name(rec.local_name, result.format):
-            emit(run, 30, "a file dropped in incoming/ has the name of another file; extracted as "
-                 f"{label(os.path.basename(target))}", rec, operation="place")
+            emit(
+                run,
+                30,
+                "a file dropped in incoming/ has the name of another file; extracted as "
+                f"{label(os.path.basename(target))}",
+                rec,
+                operation="place",
+            )
         os.replace(tmp, target)
         crashpoint("place")
-        due = ledger.change(rec, nbytes=result.size, status=EXTRACTED, extracted_path=target,
-                            extracted_size=result.size, extracted_sha256=result.out_sha256, source_path=source)
-        emit(run, 20, "extracted", rec, operation="extract", bytes=result.size,
-             duration_ms=round((time.monotonic() - started) * 1000, 1))
+        due = ledger.change(
+            rec,
+            nbytes=result.size,
+            status=EXTRACTED,
+            extracted_path=target,
+            extracted_size=result.size,
+            extracted_sha256=result.out_sha256,
+            source_path=source,
+        )
+        emit(
+            run,
+            20,
+            "extracted",
+            rec,
+            operation="extract",
+            bytes=result.size,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
     if due:
         ledger.flush()
 

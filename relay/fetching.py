@@ -44,8 +44,13 @@ def _clear_staging(run, server, staging, asked):
         unasked = []
     if unasked:
         shown = ", ".join(label(n) for n in unasked[:3]) + (", …" if len(unasked) > 3 else "")
-        _note(run, 30, f"the server sent {len(unasked)} file(s) that were not asked for ({shown}); removed, "
-              "not processed", server=server, operation="fetch")
+        _note(
+            run,
+            30,
+            f"the server sent {len(unasked)} file(s) that were not asked for ({shown}); removed, not processed",
+            server=server,
+            operation="fetch",
+        )
     shutil.rmtree(staging, ignore_errors=True)  # what stays (an I/O error) goes at the next run's sweep
 
 
@@ -110,8 +115,9 @@ class _Batch:
         for rec in self.waiting.values():
             self.run.ledger.attempt(rec, "fetch")
         try:
-            self.run.connections[self.server].fetch(self.remote_dir, sorted(self.waiting), self.staging,
-                                                    on_file=self.on_report)
+            self.run.connections[self.server].fetch(
+                self.remote_dir, sorted(self.waiting), self.staging, on_file=self.on_report
+            )
         finally:
             for name in list(self.waiting):  # rsync may fail for some files and deliver the others
                 self.land(name, reported=False)
@@ -120,27 +126,53 @@ class _Batch:
         settings = self.run.settings
         started = time.monotonic()
         try:
-            call_with_retry(self.attempt, attempts=settings.max_retry_copy, base=settings.retry_delay_base,
-                            cap=settings.retry_delay_max, is_transient=lambda e: getattr(e, "transient", False),
-                            fields={"server": self.server, "operation": "fetch"}, interrupted=self.run.stopping)
+            call_with_retry(
+                self.attempt,
+                attempts=settings.max_retry_copy,
+                base=settings.retry_delay_base,
+                cap=settings.retry_delay_max,
+                is_transient=lambda e: getattr(e, "transient", False),
+                fields={"server": self.server, "operation": "fetch"},
+                interrupted=self.run.stopping,
+            )
         except RemoteError as exc:
             self._failed(exc)
         for rec in self.waiting.values():  # rsync succeeded, but the file was not there to send
             self.run.ledger.change(rec, status=SUPERSEDED)
-            _note(self.run, 30, "vanished from the server between listing and fetch (rotated or removed); "
-                  "under a new name it is found by the next listing", server=self.server,
-                  file=label(rec.remote_path), operation="fetch")
+            _note(
+                self.run,
+                30,
+                "vanished from the server between listing and fetch (rotated or removed); "
+                "under a new name it is found by the next listing",
+                server=self.server,
+                file=label(rec.remote_path),
+                operation="fetch",
+            )
         if self.arrived:
-            _note(self.run, 20, f"fetched {self.arrived} file(s)", server=self.server, operation="fetch",
-                  bytes=self.bytes, duration_ms=round((time.monotonic() - started) * 1000, 1))
+            _note(
+                self.run,
+                20,
+                f"fetched {self.arrived} file(s)",
+                server=self.server,
+                operation="fetch",
+                bytes=self.bytes,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
 
     def _failed(self, exc):
         left, self.waiting = list(self.waiting.values()), {}
         if getattr(exc, "transient", False) or self.run.stopping.is_set():
             # Transient (or stopped): the files stay due, never parked; the next run tries again.
             self.run.problems.setdefault(self.server, []).append(
-                f"{len(left)} file(s) not fetched ({exc}); they stay due, the next run tries again")
+                f"{len(left)} file(s) not fetched ({exc}); they stay due, the next run tries again"
+            )
             return
         for rec in left:
-            self.park(self.run, rec, "copy", exc if not isinstance(exc, RemoteFileMissing) or len(left) == 1
-                      else RemoteFileMissing(f"{exc} (one rsync for {len(left)} files)", server=self.server))
+            self.park(
+                self.run,
+                rec,
+                "copy",
+                exc
+                if not isinstance(exc, RemoteFileMissing) or len(left) == 1
+                else RemoteFileMissing(f"{exc} (one rsync for {len(left)} files)", server=self.server),
+            )

@@ -56,6 +56,11 @@ class Layout:
     def make_tree(self, servers):
         """Create every directory of the data tree for `servers`."""
         for server in servers:
-            for path in (self.incoming(server), self.extracted(server), self.processed(server),
-                         self.extract_tmp(server), *(self.error(k, server) for k in ERROR_KINDS)):
+            for path in (
+                self.incoming(server),
+                self.extracted(server),
+                self.processed(server),
+                self.extract_tmp(server),
+                *(self.error(k, server) for k in ERROR_KINDS),
+            ):
                 os.makedirs(path, exist_ok=True)

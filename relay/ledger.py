@@ -131,8 +131,11 @@ class Ledger:
             self._records.setdefault(rec.key, rec)
             self._dirty[rec.key] = rec
             self._bytes += nbytes
-            return (len(self._dirty) >= FLUSH_RECORDS or self._bytes >= FLUSH_BYTES
-                    or time.monotonic() - self._last_flush >= FLUSH_SECONDS)
+            return (
+                len(self._dirty) >= FLUSH_RECORDS
+                or self._bytes >= FLUSH_BYTES
+                or time.monotonic() - self._last_flush >= FLUSH_SECONDS
+            )
 
     def attempt(self, rec, stage):
         """Count one attempt of `stage` on `rec`; return the count."""

@@ -10,6 +10,8 @@ import time
 
 import msgspec
 
+from .records import label
+
 LOGGER_NAME = "logpipe_relay"
 FIELDS = ("server", "file", "operation", "bytes", "duration_ms", "attempt", "error", "delay_s")
 _encoder = msgspec.json.Encoder()
@@ -97,8 +99,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     def _start_writer(self):
         with self.lock:
             if self._writer is None:
-                self._writer = threading.Thread(target=self._write_behind, name="logpipe-relay log writer",
-                                                daemon=True)
+                self._writer = threading.Thread(target=self._write_behind, name="logpipe-relay log writer", daemon=True)
                 self._writer.start()
 
     def _write_behind(self):
@@ -214,3 +215,11 @@ def shutdown():
 def get():
     """The package logger."""
     return logging.getLogger(LOGGER_NAME)
+
+
+def about(logger, level, message, rec=None, **fields):
+    """Log one structured event (about record `rec`, if given: its server and file name)."""
+    if rec is not None:
+        fields.setdefault("server", rec.server)
+        fields.setdefault("file", label(rec.remote_path or rec.local_name))
+    note(logger, level, message, fields)

@@ -42,9 +42,16 @@ class Local(msgspec.Struct, frozen=True):
 
 
 def _copy_matches(local, rec):
-    return local is not None and local.size == rec.size and (
-        rec.origin == "local" and local.mtime == rec.mtime
-        or rec.origin == "remote" and whole_seconds(local.mtime) == whole_seconds(rec.mtime))
+    return (
+        local is not None
+        and local.size == rec.size
+        and (
+            rec.origin == "local"
+            and local.mtime == rec.mtime
+            or rec.origin == "remote"
+            and whole_seconds(local.mtime) == whole_seconds(rec.mtime)
+        )
+    )
 
 
 class _Planner:
@@ -100,8 +107,15 @@ class _Planner:
             self.plan.skipped.append(Skip(entry.path, "younger than min_file_age_seconds"))
             return
         if rec is None or rec.status == SUPERSEDED:
-            rec = Record(key=key, server=self.plan.server, origin="remote", remote_path=entry.path,
-                         size=entry.size, mtime=entry.mtime, attempts=rec.attempts if rec else {})
+            rec = Record(
+                key=key,
+                server=self.plan.server,
+                origin="remote",
+                remote_path=entry.path,
+                size=entry.size,
+                mtime=entry.mtime,
+                attempts=rec.attempts if rec else {},
+            )
         self.place_remote(rec)
 
     def place_remote(self, rec):
@@ -109,18 +123,23 @@ class _Planner:
             self.plan.due.append(rec)  # its copy is in incoming/ already
             return
         base = os.path.basename(rec.remote_path)
-        landed = [n for n in dict.fromkeys([rec.local_name, base]) if n and n not in self.claimed
-                  and _copy_matches(self.incoming.get(n), rec)]
+        landed = [
+            n
+            for n in dict.fromkeys([rec.local_name, base])
+            if n and n not in self.claimed and _copy_matches(self.incoming.get(n), rec)
+        ]
         if landed:
             rec.status, rec.local_name = COPIED, landed[0]  # fetched by a run that stopped before recording it
             self.claimed.add(landed[0])
         else:
             rec.status = PENDING
             # Never over a file already in incoming/ (a hand drop) or another due file's name.
-            rec.local_name = base if base not in self.incoming and base not in self.names else \
-                f"{base}~{rec.key[:8]}"
-            candidates = [k.sha256 for k in self.processed_by_size.get(rec.size, ())
-                          if k.mtime == rec.mtime or k.remote_path == rec.remote_path]
+            rec.local_name = base if base not in self.incoming and base not in self.names else f"{base}~{rec.key[:8]}"
+            candidates = [
+                k.sha256
+                for k in self.processed_by_size.get(rec.size, ())
+                if k.mtime == rec.mtime or k.remote_path == rec.remote_path
+            ]
             if candidates:
                 self.plan.probes[rec.key] = sorted(set(candidates))
         self.names.add(rec.local_name)
@@ -131,8 +150,12 @@ class _Planner:
         parked version whose path now holds another one too: that file changed on the server)."""
         for rec in self.unfinished.values():
             # Not for error/extract: its copy there is the only one of that version.
-            if rec.status == ERROR and rec.origin == "remote" and rec.error_kind != "extract" and \
-                    rec.remote_path in listed_paths:
+            if (
+                rec.status == ERROR
+                and rec.origin == "remote"
+                and rec.error_kind != "extract"
+                and rec.remote_path in listed_paths
+            ):
                 self.plan.superseded.append(rec)
             elif rec.status == ERROR:
                 self.plan.parked.append(rec)
@@ -160,12 +183,20 @@ class _Planner:
         if self.young(local.mtime):
             self.plan.skipped.append(Skip(local.name, "younger than min_file_age_seconds"))
             return
-        self.plan.due.append(Record(key=key, server=self.plan.server, origin="local", local_name=local.name,
-                                    size=local.size, mtime=local.mtime, status=COPIED))
+        self.plan.due.append(
+            Record(
+                key=key,
+                server=self.plan.server,
+                origin="local",
+                local_name=local.name,
+                size=local.size,
+                mtime=local.mtime,
+                status=COPIED,
+            )
+        )
 
 
-def plan_server(server, *, entries, incoming, known, unfinished, processed_named, now, min_age,
-                take_drops=True):
+def plan_server(server, *, entries, incoming, known, unfinished, processed_named, now, min_age, take_drops=True):
     """Decide the due, parked, superseded and skipped files of one server.
 
     `entries`: the remote listing, None if it failed; `incoming`: Local files in incoming/<server>/;
@@ -186,6 +217,9 @@ def filed_name(name, sha256, taken):
     if not taken(name):
         return name
     stem, dot, suffix = name.rpartition(".")
-    tagged = f"{stem}.{sha256[:12]}.{suffix}" if dot and stem and suffix.lower() in ("gz", "gzip") else \
-        f"{name}.{sha256[:12]}"
+    tagged = (
+        f"{stem}.{sha256[:12]}.{suffix}"
+        if dot and stem and suffix.lower() in ("gz", "gzip")
+        else f"{name}.{sha256[:12]}"
+    )
     return tagged if not taken(tagged) else f"{tagged}~{sha256[12:20]}"

@@ -6,7 +6,13 @@ import os
 import msgspec
 
 PENDING, COPIED, EXTRACTED, PROCESSED, ERROR, SUPERSEDED = (
-    "pending", "copied", "extracted", "processed", "error", "superseded")
+    "pending",
+    "copied",
+    "extracted",
+    "processed",
+    "error",
+    "superseded",
+)
 # Kept for the user's vocabulary (README): a file between hashing and extraction is `verified`.
 VERIFIED = "verified"
 STATUSES = (PENDING, COPIED, VERIFIED, EXTRACTED, PROCESSED, ERROR, SUPERSEDED)
@@ -54,8 +60,7 @@ class Record(msgspec.Struct, kw_only=True):
 
 def version_key(server, origin, path, size, mtime):
     """The key of one version of a file: any change of path, size or mtime is another key."""
-    raw = b"\0".join([server.encode(), origin.encode(), os.fsencode(path), str(size).encode(),
-                      str(mtime).encode()])
+    raw = b"\0".join([server.encode(), origin.encode(), os.fsencode(path), str(size).encode(), str(mtime).encode()])
     return hashlib.sha256(raw).hexdigest()[:32]
 
 

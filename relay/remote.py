@@ -1,22 +1,39 @@
 """Everything that crosses SSH: listing, fetch, connection reuse; the only user of `sh` (argv: relay.sshargs)."""
 
-import contextlib
-import ctypes
 import os
 import re
-import signal
 import stat
 import tempfile
 import threading
 
 import sh
 
-from .errors import AuthFailed, RemoteError, RemoteUnreachable, RunInterrupted
+from .children import Children
+from .errors import AuthFailed, RemoteError, RemoteUnreachable
+
 # Re-exported: callers and tests use them as remote.<name>.
-from .sshargs import (Entry, check_master_argv, classify, control_dir, control_socket,  # noqa: F401
-                      decode_rsync_name, exit_master_argv, glob_escape, listing_script, master_argv,
-                      parse_listing, parse_sha256, refuses_trust_sender, rsync_argv, sha256_input, sha256_script,
-                      sha256_unavailable, split_glob, ssh_options, with_password)
+from .sshargs import (  # noqa: F401
+    Entry,
+    check_master_argv,
+    classify,
+    control_dir,
+    control_socket,
+    decode_rsync_name,
+    exit_master_argv,
+    glob_escape,
+    listing_script,
+    master_argv,
+    parse_listing,
+    parse_sha256,
+    refuses_trust_sender,
+    rsync_argv,
+    sha256_input,
+    sha256_script,
+    sha256_unavailable,
+    split_glob,
+    ssh_options,
+    with_password,
+)
 
 
 def private_dir(path):
@@ -24,8 +41,10 @@ def private_dir(path):
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise RemoteError(f"{path}: the SSH control-socket directory is not a directory owned by this "
-                          "user; remove it (someone else may have created it)")
+        raise RemoteError(
+            f"{path}: the SSH control-socket directory is not a directory owned by this "
+            "user; remove it (someone else may have created it)"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
@@ -33,117 +52,8 @@ def private_dir(path):
 
 # --- the run's children ----------------------------------------------------------------------
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-STOP_GRACE = 2.0  # seconds from stop()'s signal to its SIGKILL of the groups still there
 _ANY_STATUS = list(range(-64, 256))  # every exit status and death by signal (negative): the caller judges
 
-
-def _libc_prctl():
-    """libc's prctl(2) as a ctypes function, or None where there is none."""
-    try:
-        prctl = ctypes.CDLL(None).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-def _signal_group(pgid, sig):
-    """Send `sig` to process group `pgid`; False if there is no such group any more."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-class Children:
-    """The live process groups of one run's ssh and rsync: stop() ends them and refuses new ones.
-
-    Each command runs in a process group of its own, so a Ctrl-C at the terminal reaches only the
-    run, which must end them itself: here on a stop, by the kernel's parent-death signal when the run
-    is killed outright (`kill -9`)."""
-
-    def __init__(self, death_signal=signal.SIGTERM):
-        # Reentrant: stop() is called from a signal handler, maybe in a thread inside running().
-        self._cond = threading.Condition(threading.RLock())
-        self._groups = {}  # pgid -> ident of the thread waiting for that group
-        self._stopped = False
-        # TERM, not KILL: our direct child is coreutils timeout, which passes TERM on to its whole
-        # process group (rsync and its ssh) and sends KILL 5 s later; a KILLed timeout would orphan them.
-        self._death_signal = death_signal
-        # Resolved here, in the parent, never in the forked child: a dlsym there would read the dynamic
-        # loader's tables, which another thread may have been changing at fork time (glibc merely
-        # resets the loader's lock in the child).
-        self._prctl = _libc_prctl()
-
-    @property
-    def stopped(self):
-        """Whether stop() was called."""
-        return self._stopped
-
-    def live(self):
-        """The process groups running now."""
-        with self._cond:
-            return sorted(self._groups)
-
-    def check(self):
-        """Raise RunInterrupted once the run is stopping."""
-        if self._stopped:
-            raise RunInterrupted("the run is stopping: its ssh and rsync were ended, no new one starts")
-
-    def preexec(self):
-        """The function sh runs in the forked child before exec: death_signal when the forking thread ends."""
-        # The kernel sends it when the *thread* that forked ends, not the process: a command must not
-        # outlive the thread that started it. _run waits for its command, so that holds for the
-        # engine's long-lived workers; code that left a command running and let its thread end would
-        # see it killed. (ssh's background ControlMaster is a fork of ssh: the setting is not inherited.)
-        prctl, sig, parent = self._prctl, self._death_signal, os.getpid()
-        if prctl is None:
-            return None
-
-        def in_child():  # between fork and exec: a call already resolved and a system call, no lock
-            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-            if os.getppid() != parent:  # the run died before prctl: no signal will ever come
-                os._exit(1)
-        return in_child
-
-    @contextlib.contextmanager
-    def running(self, pgid):
-        """Register process group `pgid` while the block waits for it; kill it if the block fails."""
-        with self._cond:
-            self._groups[pgid] = threading.get_ident()
-        try:
-            self.check()  # after registering: a stop() either saw the group or is seen here
-            yield
-        except BaseException:
-            _signal_group(pgid, signal.SIGKILL)
-            raise
-        finally:
-            with self._cond:
-                del self._groups[pgid]
-                self._cond.notify_all()
-
-    def stop(self, sig=signal.SIGTERM, grace=STOP_GRACE):
-        """Signal every live group, SIGKILL those left after `grace` s; every later command raises RunInterrupted."""
-        with self._cond:
-            self._stopped = True
-            groups = dict(self._groups)
-        for pgid in groups:
-            _signal_group(pgid, sig)
-        # A group the calling thread waits for cannot be seen to end while stop() runs in that thread
-        # (a signal handler): not waited for here; its timeout sends KILL 5 s after the signal.
-        me = threading.get_ident()
-        waited = {pgid for pgid, ident in groups.items() if ident != me}
-        with self._cond:
-            self._cond.wait_for(lambda: not waited & self._groups.keys(), timeout=grace)
-            left = waited & self._groups.keys()
-        for pgid in left:
-            _signal_group(pgid, signal.SIGKILL)
-
-
-# --- I/O ------------------------------------------------------------------------------------
 
 def _env_for(server, secret=True, environ=None):
     """The environment of an ssh or rsync child: this process's, with the password (read from
@@ -154,20 +64,27 @@ def _env_for(server, secret=True, environ=None):
     if server.auth == "password" and secret:
         secret = (os.environ if environ is None else environ).get(server.password_env)
         if not secret:
-            raise AuthFailed(f"server {server.name} uses password auth but ${server.password_env} is "
-                             "not set; export it in the environment of the run", server=server.name)
+            raise AuthFailed(
+                f"server {server.name} uses password auth but ${server.password_env} is "
+                "not set; export it in the environment of the run",
+                server=server.name,
+            )
         env["SSHPASS"] = secret
     return env
 
 
 def _not_installed(tool, server):
-    return RemoteError(f"{tool} is not installed; install it (apt-get install -y "
-                       f"{'openssh-client' if tool == 'ssh' else tool})", server=server.name)
+    return RemoteError(
+        f"{tool} is not installed; install it (apt-get install -y {'openssh-client' if tool == 'ssh' else tool})",
+        server=server.name,
+    )
 
 
 def _too_slow(tool, server, deadline):
-    return RemoteUnreachable(f"{tool} to {server.name}: no answer within the {deadline}s deadline "
-                             "(SSH_DEADLINE); the peer may be dead", server=server.name)
+    return RemoteUnreachable(
+        f"{tool} to {server.name}: no answer within the {deadline}s deadline (SSH_DEADLINE); the peer may be dead",
+        server=server.name,
+    )
 
 
 # Why starting a command cannot deadlock while other threads run (issue 11, point 14). sh forks and
@@ -193,8 +110,9 @@ def _spawn(children, server, argv, **kwargs):
     """Start `argv` with sh in the background, in a process group of its own that dies with this thread."""
     children.check()
     try:
-        return sh.Command(argv[0])(*argv[1:], _new_group=True, _preexec_fn=children.preexec(), _bg=True,
-                                   _ok_code=_ANY_STATUS, **kwargs)
+        return sh.Command(argv[0])(
+            *argv[1:], _new_group=True, _preexec_fn=children.preexec(), _bg=True, _ok_code=_ANY_STATUS, **kwargs
+        )
     except sh.CommandNotFound:
         raise _not_installed(argv[0], server) from None
 
@@ -212,8 +130,15 @@ def _run(server, argv, *, deadline, children, stdin=None, secret=True, on_line=N
     read_end, write_end = os.pipe()
     try:
         try:
-            proc = _spawn(children, server, guarded, _env=_env_for(server, secret, environ), _in=stdin,
-                          _out=write_end, _timeout=deadline + 30)
+            proc = _spawn(
+                children,
+                server,
+                guarded,
+                _env=_env_for(server, secret, environ),
+                _in=stdin,
+                _out=write_end,
+                _timeout=deadline + 30,
+            )
         finally:
             os.close(write_end)  # the child has its own copy: end of file when it (and its children) exit
         with children.running(proc.pgid):
@@ -275,13 +200,15 @@ class Connection:
         return "sshpass+ssh" if self.server.auth == "password" else "ssh"
 
     def _run(self, argv, deadline, **kwargs):
-        return _run(self.server, argv, deadline=deadline, children=self.children, environ=self.environ,
-                    **kwargs)
+        return _run(self.server, argv, deadline=deadline, children=self.children, environ=self.environ, **kwargs)
 
     def _master_alive(self):
         private_dir(self.sockets)
-        code, _, _ = self._run(check_master_argv(self.settings, self.server, self.sockets),
-                               self.settings.ssh_connect_timeout + 5, secret=False)
+        code, _, _ = self._run(
+            check_master_argv(self.settings, self.server, self.sockets),
+            self.settings.ssh_connect_timeout + 5,
+            secret=False,
+        )
         if code != 0:
             try:
                 os.unlink(self.socket)  # a dead master's socket
@@ -301,20 +228,32 @@ class Connection:
         with tempfile.TemporaryFile() as err:
             argv = master_argv(self.settings, self.server, self.sockets)
             try:
-                proc = _spawn(self.children, self.server, argv, _env=_env_for(self.server, environ=self.environ),
-                              _in=None, _out=os.devnull, _err=err,
-                              _timeout=self.settings.ssh_connect_timeout * 3 + 5)
+                proc = _spawn(
+                    self.children,
+                    self.server,
+                    argv,
+                    _env=_env_for(self.server, environ=self.environ),
+                    _in=None,
+                    _out=os.devnull,
+                    _err=err,
+                    _timeout=self.settings.ssh_connect_timeout * 3 + 5,
+                )
                 with self.children.running(proc.pgid):  # until ssh -f is in the background
                     proc.wait()
             except sh.TimeoutException:
-                raise RemoteUnreachable(f"ssh to {self.server.name}: no answer while connecting",
-                                        server=self.server.name) from None
+                raise RemoteUnreachable(
+                    f"ssh to {self.server.name}: no answer while connecting", server=self.server.name
+                ) from None
             self.children.check()
             err.seek(0)
             stderr = err.read().decode(errors="replace")
         if proc.exit_code != 0:
-            raise classify(proc.exit_code, stderr, server=self.server.name,
-                           tool="sshpass" if self.server.auth == "password" else "ssh")
+            raise classify(
+                proc.exit_code,
+                stderr,
+                server=self.server.name,
+                tool="sshpass" if self.server.auth == "password" else "ssh",
+            )
 
     def close(self):
         """Stop the ControlMaster now rather than after SSH_CONTROL_PERSIST idle seconds."""
@@ -361,8 +300,14 @@ class Connection:
             if not self._open:
                 # `auto`: use a live master if there is one (a stale socket is removed), else become it.
                 private_dir(self.sockets)
-                result = self._ssh(script, stdin, "-o", "ControlMaster=auto",
-                                   "-o", f"ControlPersist={self.settings.ssh_control_persist}")
+                result = self._ssh(
+                    script,
+                    stdin,
+                    "-o",
+                    "ControlMaster=auto",
+                    "-o",
+                    f"ControlPersist={self.settings.ssh_control_persist}",
+                )
                 self._open = result[0] == 0
                 return result
         return self._ssh(script, stdin, "-o", "ControlMaster=no")

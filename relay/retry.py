@@ -29,8 +29,21 @@ def _wait(delay, interrupted, sleep):
     return True
 
 
-def call_with_retry(fn, *, attempts, base, cap, is_transient, on_failure=None, on_retry=None,
-                    sleep=time.sleep, interrupted=None, interrupt_error=None, rng=random.random, fields=None):
+def call_with_retry(
+    fn,
+    *,
+    attempts,
+    base,
+    cap,
+    is_transient,
+    on_failure=None,
+    on_retry=None,
+    sleep=time.sleep,
+    interrupted=None,
+    interrupt_error=None,
+    rng=random.random,
+    fields=None,
+):
     """Call `fn()` up to `attempts` times, waiting between transient failures; re-raise the last error.
 
     Every failure calls `on_failure(exc, number)` (number: the 1-based attempt that failed). Every
@@ -51,9 +64,12 @@ def call_with_retry(fn, *, attempts, base, cap, is_transient, on_failure=None, o
                 raise
             delay = backoff_delay(number, base, cap, rng)
             what = f"{fields['operation']} attempt" if "operation" in fields else "attempt"
-            logs.note(logs.get(), logging.WARNING,
-                      f"{what} {number} of {attempts} failed: {exc}; retrying in {delay:.1f} s",
-                      {**fields, "attempt": number, "delay_s": round(delay, 3), "error": str(exc)})
+            logs.note(
+                logs.get(),
+                logging.WARNING,
+                f"{what} {number} of {attempts} failed: {exc}; retrying in {delay:.1f} s",
+                {**fields, "attempt": number, "delay_s": round(delay, 3), "error": str(exc)},
+            )
             if on_retry is not None:
                 on_retry(exc, number, delay)
             if _wait(delay, interrupted, sleep):

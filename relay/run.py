@@ -74,20 +74,24 @@ class Run:
                 os._exit(3)
             imported = self.store.import_legacy(settings.state_dir)
             if imported:
-                self.log.info(f"imported {imported} record(s) from {settings.state_dir}/records/ into the "
-                              "state database (that directory is no longer read)", extra={"operation": "state"})
+                self.log.info(
+                    f"imported {imported} record(s) from {settings.state_dir}/records/ into the "
+                    "state database (that directory is no longer read)",
+                    extra={"operation": "state"},
+                )
             self.ledger = Ledger(self.store, self.run_id, settings.data_root, settings.delete_source)
             self.layout.make_tree(s.name for s in settings.enabled_servers)
             if self.store.meta("clean") == "no":
                 sweep_unowned(self)  # the last run was killed: outputs it never recorded are redone
             self.store.set_meta("clean", "no")
             self.children = Children()
-            self.connections = {s.name: Connection(settings, s, self.environ, children=self.children)
-                                for s in settings.servers}
-            self._server_slots = {s.name: threading.BoundedSemaphore(settings.max_per_server)
-                                  for s in settings.servers}
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                                              thread_name_prefix="extract")
+            self.connections = {
+                s.name: Connection(settings, s, self.environ, children=self.children) for s in settings.servers
+            }
+            self._server_slots = {s.name: threading.BoundedSemaphore(settings.max_per_server) for s in settings.servers}
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=settings.max_workers, thread_name_prefix="extract"
+            )
             sweep(self)
             self.started_at = time.monotonic()
             atexit.register(self.close)  # doit ends the process after its last task: flush, sync, unlock
@@ -101,8 +105,10 @@ class Run:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise LockHeld(f"another logpipe-relay run holds {path} ({holder}); this run changed nothing. "
-                           "Wait for it to finish, or check that it is still alive") from None
+            raise LockHeld(
+                f"another logpipe-relay run holds {path} ({holder}); this run changed nothing. "
+                "Wait for it to finish, or check that it is still alive"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
         self._lock_fd = fd
@@ -159,11 +165,15 @@ class Run:
         self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
         try:
             self.ledger.flush()
-            self.log.warning(f"stopped by signal {signum}; what finished is recorded, the rest is done by the "
-                             "next run", extra={"operation": "summary"})
+            self.log.warning(
+                f"stopped by signal {signum}; what finished is recorded, the rest is done by the next run",
+                extra={"operation": "summary"},
+            )
         except Exception as exc:  # noqa: BLE001 - the process ends either way; the next run redoes it
-            self.log.error(f"stopped by signal {signum}; could not record the last batch: {exc}",
-                           extra={"operation": "state", "error": str(exc)})
+            self.log.error(
+                f"stopped by signal {signum}; could not record the last batch: {exc}",
+                extra={"operation": "state", "error": str(exc)},
+            )
         finally:
             self.release_lock()
             logs.shutdown()
@@ -176,8 +186,10 @@ def make_directories(settings):
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"{settings.config_dir}/.env: {key}: {path}: cannot create it ({exc.strerror}); "
-                              f"create it, or point {key} somewhere writable") from None
+            raise ConfigError(
+                f"{settings.config_dir}/.env: {key}: {path}: cannot create it ({exc.strerror}); "
+                f"create it, or point {key} somewhere writable"
+            ) from None
 
 
 def install_signals(run):
@@ -193,9 +205,11 @@ def check_state_space(state_dir, minimum=STATE_MIN_FREE):
     st = os.statvfs(state_dir)
     free = st.f_bavail * st.f_frsize
     if free < minimum:
-        raise StateWriteError(f"{state_dir}: only {free // 1024} KiB free; a run needs at least "
-                              f"{minimum // 2**20} MiB there for its state and doit's database. "
-                              "Free some space on that filesystem, then rerun; this run changed nothing")
+        raise StateWriteError(
+            f"{state_dir}: only {free // 1024} KiB free; a run needs at least "
+            f"{minimum // 2**20} MiB there for its state and doit's database. "
+            "Free some space on that filesystem, then rerun; this run changed nothing"
+        )
 
 
 def _ignore_vanished(_function, _path, exc_info):
@@ -218,13 +232,14 @@ def sweep(run):
                 shutil.rmtree(landing, onerror=_ignore_vanished)
             removed += sum(_unlink(os.path.join(dirpath, f)) for f in files)
             dirnames[:] = []
-    for root, stale in ((os.path.join(settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
-                        (os.path.join(settings.data_root, "error"), lambda n: n.startswith(".tmp-"))):
+    for root, stale in (
+        (os.path.join(settings.tmp_dir, "extract"), lambda n: n.endswith(".part")),
+        (os.path.join(settings.data_root, "error"), lambda n: n.startswith(".tmp-")),
+    ):
         for dirpath, _, files in os.walk(root):
             removed += sum(_unlink(os.path.join(dirpath, f)) for f in files if stale(f))
     if removed:
-        run.log.info(f"swept {removed} temp file(s) left by an interrupted run",
-                     extra={"operation": "sweep"})
+        run.log.info(f"swept {removed} temp file(s) left by an interrupted run", extra={"operation": "sweep"})
 
 
 def sweep_unowned(run):
@@ -242,8 +257,10 @@ def sweep_unowned(run):
                 if entry.is_file(follow_symlinks=False) and run.store.path_owner(server.name, entry.path) is None:
                     removed += _unlink(entry.path)
     if removed:
-        run.log.info(f"removed {removed} output file(s) an interrupted run made but never recorded; they are "
-                     "done again", extra={"operation": "sweep"})
+        run.log.info(
+            f"removed {removed} output file(s) an interrupted run made but never recorded; they are done again",
+            extra={"operation": "sweep"},
+        )
 
 
 def _unlink(path):

@@ -28,7 +28,9 @@ def ensure_user():
         subprocess.run(["useradd", "-M", "-d", "/", "-s", "/bin/sh", SANDBOX_USER], check=True)
         exists = False
     if exists and pwd.getpwnam(SANDBOX_USER).pw_dir != "/":
-        subprocess.run(["usermod", "-d", "/", SANDBOX_USER], check=False, capture_output=True)  # cosmetic: a home ssh can enter
+        subprocess.run(
+            ["usermod", "-d", "/", SANDBOX_USER], check=False, capture_output=True
+        )  # cosmetic: a home ssh can enter
     if exists and os.path.exists(_PASSWORD_FILE):
         with open(_PASSWORD_FILE) as fh:
             return fh.read().strip()
@@ -77,16 +79,37 @@ class SshServer:
         self.port = _free_port(self.address)
         config = os.path.join(self.root, "sshd_config")
         with open(config, "w") as fh:
-            fh.write("\n".join([
-                f"Port {self.port}", f"ListenAddress {self.address}", f"HostKey {self.host_key}",
-                f"PidFile {self.root}/sshd.pid", f"AuthorizedKeysFile {authorized_keys}",
-                "StrictModes no", "UsePAM no", "PermitRootLogin no", f"AllowUsers {SANDBOX_USER}",
-                "PubkeyAuthentication " + ("no" if self.auth == "password" else "yes"),
-                "PasswordAuthentication " + ("yes" if self.auth == "password" else "no"),
-                "KbdInteractiveAuthentication no", "MaxStartups 100:30:200", "MaxSessions 100",
-                "LogLevel INFO", "PrintMotd no", "UseDNS no", "Subsystem sftp internal-sftp", ""]))
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", config], stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            fh.write(
+                "\n".join(
+                    [
+                        f"Port {self.port}",
+                        f"ListenAddress {self.address}",
+                        f"HostKey {self.host_key}",
+                        f"PidFile {self.root}/sshd.pid",
+                        f"AuthorizedKeysFile {authorized_keys}",
+                        "StrictModes no",
+                        "UsePAM no",
+                        "PermitRootLogin no",
+                        f"AllowUsers {SANDBOX_USER}",
+                        "PubkeyAuthentication " + ("no" if self.auth == "password" else "yes"),
+                        "PasswordAuthentication " + ("yes" if self.auth == "password" else "no"),
+                        "KbdInteractiveAuthentication no",
+                        "MaxStartups 100:30:200",
+                        "MaxSessions 100",
+                        "LogLevel INFO",
+                        "PrintMotd no",
+                        "UseDNS no",
+                        "Subsystem sftp internal-sftp",
+                        "",
+                    ]
+                )
+            )
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", config],
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
         lines = []
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
@@ -170,8 +193,7 @@ class Sandbox:
         os.chmod(authorized, 0o644)
         for index in range(1, self.count + 1):
             auth = "password" if index in self.password_servers else "key"
-            server = SshServer(os.path.join(self.root, f"srv{index}"), f"srv{index}",
-                               f"127.0.0.{10 + index}", auth)
+            server = SshServer(os.path.join(self.root, f"srv{index}"), f"srv{index}", f"127.0.0.{10 + index}", auth)
             self.servers.append(server.start(authorized))
             _open_up(server.remote_dir)
         self.known_hosts = os.path.join(self.root, "known_hosts")
@@ -190,25 +212,41 @@ class Sandbox:
         env["SSH_PASSWORD"] = self.password
         return env
 
-    def write_config(self, conf_dir, work_dir, pipeline=None, env=None, patterns=("*.gz",), subdir="",
-                     servers=None):
+    def write_config(self, conf_dir, work_dir, pipeline=None, env=None, patterns=("*.gz",), subdir="", servers=None):
         """Write .env, sources.conf and pipeline.conf pointing at the sandbox; return conf_dir."""
         os.makedirs(conf_dir, exist_ok=True)
         values = {
-            "DATA_ROOT": os.path.join(work_dir, "data"), "STATE_DIR": os.path.join(work_dir, "state"),
-            "LOG_DIR": os.path.join(work_dir, "logs"), "TMP_DIR": os.path.join(work_dir, "tmp"),
-            "SSH_KNOWN_HOSTS": self.known_hosts, "SSH_IDENTITY_FILE": self.client_key,
-            "SSH_CONNECT_TIMEOUT": "5", "RETRY_DELAY_BASE": "0.05", "RETRY_DELAY_MAX": "0.2",
-            "SSH_DEADLINE": "120", "SSH_CONTROL_PERSIST": "30",
+            "DATA_ROOT": os.path.join(work_dir, "data"),
+            "STATE_DIR": os.path.join(work_dir, "state"),
+            "LOG_DIR": os.path.join(work_dir, "logs"),
+            "TMP_DIR": os.path.join(work_dir, "tmp"),
+            "SSH_KNOWN_HOSTS": self.known_hosts,
+            "SSH_IDENTITY_FILE": self.client_key,
+            "SSH_CONNECT_TIMEOUT": "5",
+            "RETRY_DELAY_BASE": "0.05",
+            "RETRY_DELAY_MAX": "0.2",
+            "SSH_DEADLINE": "120",
+            "SSH_CONTROL_PERSIST": "30",
         }
         values.update(env or {})
         with open(os.path.join(conf_dir, ".env"), "w") as fh:
             fh.writelines(f"{k}={v}\n" for k, v in values.items())
-        sources = {"servers": [{
-            "name": s.name, "host": s.address, "port": s.port, "user": SANDBOX_USER,
-            "remote_path": [os.path.join(s.remote_dir, subdir, p) for p in patterns] if len(patterns) > 1
-            else os.path.join(s.remote_dir, subdir, patterns[0]),
-            "enabled": True, "auth": s.auth} for s in self.servers]}
+        sources = {
+            "servers": [
+                {
+                    "name": s.name,
+                    "host": s.address,
+                    "port": s.port,
+                    "user": SANDBOX_USER,
+                    "remote_path": [os.path.join(s.remote_dir, subdir, p) for p in patterns]
+                    if len(patterns) > 1
+                    else os.path.join(s.remote_dir, subdir, patterns[0]),
+                    "enabled": True,
+                    "auth": s.auth,
+                }
+                for s in self.servers
+            ]
+        }
         for entry, override in zip(sources["servers"], servers or []):
             entry.update(override)
         with open(os.path.join(conf_dir, "sources.conf"), "w") as fh:
@@ -222,40 +260,59 @@ class Sandbox:
 
 # --- generated logs ------------------------------------------------------------------------
 
-_PATHS = ["/", "/index.html", "/api/v1/users", "/api/v1/orders", "/static/app.js", "/static/app.css",
-          "/login", "/health", "/api/v1/search", "/img/logo.png", "/checkout", "/api/v1/cart",
-          "/products/list", "/favicon.ico"]
-_AGENTS = ["Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-           "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-           "Chrome/126.0.0.0 Safari/537.36",
-           "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-           "Version/17.5 Safari/605.1.15",
-           "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "curl/8.5.0",
-           "python-requests/2.32.3"]
-_REFERERS = ["-", "https://www.example.com/", "https://www.example.com/products/list",
-             "https://www.google.com/"]
+_PATHS = [
+    "/",
+    "/index.html",
+    "/api/v1/users",
+    "/api/v1/orders",
+    "/static/app.js",
+    "/static/app.css",
+    "/login",
+    "/health",
+    "/api/v1/search",
+    "/img/logo.png",
+    "/checkout",
+    "/api/v1/cart",
+    "/products/list",
+    "/favicon.ico",
+]
+_AGENTS = [
+    "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.5 Safari/605.1.15",
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "curl/8.5.0",
+    "python-requests/2.32.3",
+]
+_REFERERS = ["-", "https://www.example.com/", "https://www.example.com/products/list", "https://www.google.com/"]
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def log_lines(rng, count, start=1_700_000_000):
     """`count` combined-format access-log lines: a pool of client IPs, varied paths, statuses, agents
     and referers, increasing timestamps; compresses about 10x like real access logs."""
-    clients = [f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-               for _ in range(300)]
+    clients = [
+        f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(300)
+    ]
     out = []
     stamp = start
     for _ in range(count):
         stamp += rng.choice((0, 0, 1, 1, 2))
         t = time.gmtime(stamp)
-        when = f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+        when = (
+            f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+        )
         ip = clients[min(int(rng.expovariate(1 / 40)), len(clients) - 1)]
         status = rng.choices((200, 301, 304, 404, 500), (80, 5, 8, 5, 2))[0]
         path = rng.choice(_PATHS)
         if path.startswith("/api") and rng.random() < 0.5:
             path += f"?page={rng.randint(1, 20)}"
         size = rng.choice((512, 1024, 2048, 4096, 8192, 15320, 43100)) if status == 200 else 0
-        out.append(f'{ip} - - [{when}] "GET {path} HTTP/1.1" {status} {size} '
-                   f'"{rng.choice(_REFERERS)}" "{rng.choice(_AGENTS)}"\n')
+        out.append(
+            f'{ip} - - [{when}] "GET {path} HTTP/1.1" {status} {size} '
+            f'"{rng.choice(_REFERERS)}" "{rng.choice(_AGENTS)}"\n'
+        )
     return "".join(out).encode()
 
 

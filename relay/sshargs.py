@@ -51,32 +51,56 @@ def control_socket(settings, server, sockets):
     own (named by the server name alone, it silently went on using the old one). The server name is
     in it too, so that close() of one server never ends another's master. 16 hex digits keep the
     path well under the 108 bytes of a unix socket (control_dir is at most 50, ssh adds 17)."""
-    fields = [server.name, server.host, server.port, server.user, identity_file(settings, server),
-              settings.ssh_known_hosts, server.auth, server.password_env,
-              settings.ssh_strict_host_key_checking]
+    fields = [
+        server.name,
+        server.host,
+        server.port,
+        server.user,
+        identity_file(settings, server),
+        settings.ssh_known_hosts,
+        server.auth,
+        server.password_env,
+        settings.ssh_strict_host_key_checking,
+    ]
     return f"{sockets}/{hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]}"
 
 
 def ssh_options(settings, server, sockets):
     """ssh `-o` options: host keys checked, timeouts, keepalives and a shared connection."""
     opts = [
-        "-o", f"UserKnownHostsFile={settings.ssh_known_hosts}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"StrictHostKeyChecking={settings.ssh_strict_host_key_checking}",
-        "-o", f"ConnectTimeout={settings.ssh_connect_timeout}",
-        "-o", f"ServerAliveInterval={settings.ssh_server_alive_interval}",
-        "-o", f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
-        "-o", f"ControlPath={control_socket(settings, server, sockets)}",
-        "-o", "LogLevel=ERROR",
-        "-p", str(server.port),
-        "-l", server.user,
+        "-o",
+        f"UserKnownHostsFile={settings.ssh_known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        f"StrictHostKeyChecking={settings.ssh_strict_host_key_checking}",
+        "-o",
+        f"ConnectTimeout={settings.ssh_connect_timeout}",
+        "-o",
+        f"ServerAliveInterval={settings.ssh_server_alive_interval}",
+        "-o",
+        f"ServerAliveCountMax={settings.ssh_server_alive_count_max}",
+        "-o",
+        f"ControlPath={control_socket(settings, server, sockets)}",
+        "-o",
+        "LogLevel=ERROR",
+        "-p",
+        str(server.port),
+        "-l",
+        server.user,
     ]
     identity = identity_file(settings, server)
     if identity:
         opts += ["-i", identity, "-o", "IdentitiesOnly=yes"]
     if server.auth == "password":
-        opts += ["-o", "PreferredAuthentications=password,keyboard-interactive",
-                 "-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"]
+        opts += [
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+        ]
     else:
         opts += ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
     return opts
@@ -89,10 +113,21 @@ def with_password(server, argv):
 
 def master_argv(settings, server, sockets):
     """Start a background ControlMaster that later commands share."""
-    return with_password(server, [
-        "ssh", *ssh_options(settings, server, sockets),
-        "-o", "ControlMaster=yes", "-o", f"ControlPersist={settings.ssh_control_persist}",
-        "-f", "-N", "--", server.host])
+    return with_password(
+        server,
+        [
+            "ssh",
+            *ssh_options(settings, server, sockets),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            f"ControlPersist={settings.ssh_control_persist}",
+            "-f",
+            "-N",
+            "--",
+            server.host,
+        ],
+    )
 
 
 def check_master_argv(settings, server, sockets):
@@ -120,15 +155,24 @@ def rsync_argv(settings, server, sockets, remote_dir, staging, trust_sender=True
     batch: 4.98 s a run with it, 3.82 s without). Ours stands in for it: `staging` is a private
     directory of this batch alone, rsync still refuses absolute and `..` names, and only the names
     asked for are taken out of it (relay.stages)."""
-    ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets),
-                                 "-o", "ControlMaster=no"])
+    ssh = with_password(server, ["ssh", *ssh_options(settings, server, sockets), "-o", "ControlMaster=no"])
     return [
-        "rsync", *(["--trust-sender"] if trust_sender else []),
-        "--protect-args", "--times", "--no-relative", "--from0", "--files-from=-",
-        "--ignore-missing-args", "--chmod=F0644", "--no-motd",
+        "rsync",
+        *(["--trust-sender"] if trust_sender else []),
+        "--protect-args",
+        "--times",
+        "--no-relative",
+        "--from0",
+        "--files-from=-",
+        "--ignore-missing-args",
+        "--chmod=F0644",
+        "--no-motd",
         f"--timeout={settings.ssh_deadline}",
-        "-e", " ".join(_rsync_quote(a) for a in ssh),
-        "--", f"{server.host}:{remote_dir.rstrip('/')}/", staging.rstrip("/") + "/",
+        "-e",
+        " ".join(_rsync_quote(a) for a in ssh),
+        "--",
+        f"{server.host}:{remote_dir.rstrip('/')}/",
+        staging.rstrip("/") + "/",
     ]
 
 
@@ -159,7 +203,8 @@ def listing_script(patterns):
         steps.append(
             f"{{ [ ! -e {shlex.quote(root)} ] || find {shlex.quote(root)} -mindepth {depth} "
             f"-maxdepth {depth} -path {shlex.quote(pattern.rstrip('/'))} "
-            f"-printf '%y %s %T@ %p\\0'; }}")
+            f"-printf '%y %s %T@ %p\\0'; }}"
+        )
     return "LC_ALL=C; export LC_ALL; cd / && " + " && ".join(steps)
 
 
@@ -223,14 +268,23 @@ def parse_listing(raw):
     return entries
 
 
-_HOSTKEY = re.compile(r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
-                      r"No .* host key is known", re.I)
-_AUTH = re.compile(r"Permission denied \((publickey|password|keyboard)|Permission denied, please try again|"
-                   r"Authentication failed|Too many authentication failures", re.I)
-_UNREACHABLE = re.compile(r"Connection refused|Connection timed out|timed out|Connection reset|"
-                          r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
-                          r"closed|Connection closed|Could not resolve|Name or service not known|"
-                          r"kex_exchange_identification|lost connection|deadline", re.I)
+_HOSTKEY = re.compile(
+    r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
+    r"No .* host key is known",
+    re.I,
+)
+_AUTH = re.compile(
+    r"Permission denied \((publickey|password|keyboard)|Permission denied, please try again|"
+    r"Authentication failed|Too many authentication failures",
+    re.I,
+)
+_UNREACHABLE = re.compile(
+    r"Connection refused|Connection timed out|timed out|Connection reset|"
+    r"Broken pipe|No route to host|Network is unreachable|connection unexpectedly "
+    r"closed|Connection closed|Could not resolve|Name or service not known|"
+    r"kex_exchange_identification|lost connection|deadline",
+    re.I,
+)
 _MISSING = re.compile(r"No such file or directory|failed to open|Permission denied \(13\)", re.I)
 
 
@@ -240,11 +294,15 @@ def classify(code, stderr, *, server="", tool="ssh"):
     detail = text[-1] if text else f"exit status {code}"
     where = f"{tool} to {server}" if server else tool
     if tool.startswith("sshpass") and code == 5 or _AUTH.search(stderr):
-        return AuthFailed(f"{where}: authentication refused ({detail}); check the user, key or "
-                          "password for this server", server=server, code=code)
+        return AuthFailed(
+            f"{where}: authentication refused ({detail}); check the user, key or password for this server",
+            server=server,
+            code=code,
+        )
     if tool.startswith("sshpass") and code == 6 or _HOSTKEY.search(stderr):
-        return HostKeyMismatch(f"{where}: host key not accepted ({detail}); check SSH_KNOWN_HOSTS "
-                               "for this host", server=server, code=code)
+        return HostKeyMismatch(
+            f"{where}: host key not accepted ({detail}); check SSH_KNOWN_HOSTS for this host", server=server, code=code
+        )
     if _UNREACHABLE.search(stderr) or code in (255, 10, 12, 30, 35):
         return RemoteUnreachable(f"{where}: unreachable ({detail})", server=server, code=code)
     if _MISSING.search(stderr):

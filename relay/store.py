@@ -62,8 +62,9 @@ def _body(record):
     try:
         return _encoder.encode(plain)
     except UnicodeEncodeError:  # an error message quoting an odd name: keep it readable, escaped
-        return _encoder.encode(msgspec.structs.replace(plain, last_error=plain.last_error.encode(
-            "utf-8", "backslashreplace").decode()))
+        return _encoder.encode(
+            msgspec.structs.replace(plain, last_error=plain.last_error.encode("utf-8", "backslashreplace").decode())
+        )
 
 
 def _record(row):
@@ -89,8 +90,7 @@ class Store:
             # -shm/-wal files are created (`doit list` writes nothing).
             quiet = readonly and not os.path.exists(self.path + "-wal")
             uri = f"file:{self.path}?mode=ro" + ("&immutable=1" if quiet else "") if readonly else f"file:{self.path}"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30,
-                                       isolation_level=None)
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30, isolation_level=None)
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
@@ -106,7 +106,8 @@ class Store:
         return StateCorrupt(
             f"{self.path}: not a readable logpipe-relay state database ({exc}); nothing was changed. "
             "Restore it from a backup, or move it aside to start over (every file on the servers "
-            "is then fetched and checked again; content already in extracted/ is not lost)")
+            "is then fetched and checked again; content already in extracted/ is not lost)"
+        )
 
     def close(self):
         """Close the connection (the WAL is checkpointed)."""
@@ -127,19 +128,31 @@ class Store:
 
     def known(self, server):
         """key -> Known of every record of `server` (cheap: no record is decoded)."""
-        return {row[0]: Known(row[0], row[1], row[2], row[3], row[4], _text(row[5])) for row in self._rows(
-            "SELECT key, status, size, mtime, sha256, remote_path FROM records WHERE server = ?", (server,))}
+        return {
+            row[0]: Known(row[0], row[1], row[2], row[3], row[4], _text(row[5]))
+            for row in self._rows(
+                "SELECT key, status, size, mtime, sha256, remote_path FROM records WHERE server = ?", (server,)
+            )
+        }
 
     def unfinished(self, server):
         """The records of `server` that are neither processed nor superseded: due or parked."""
-        return [_record(row) for row in self._rows(
-            f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND status NOT IN (?, ?)",
-            (server, PROCESSED, SUPERSEDED))]
+        return [
+            _record(row)
+            for row in self._rows(
+                f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND status NOT IN (?, ?)",
+                (server, PROCESSED, SUPERSEDED),
+            )
+        ]
 
     def parked(self, server):
         """The parked records of `server`."""
-        return [_record(row) for row in self._rows(
-            f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND status = ?", (server, ERROR))]
+        return [
+            _record(row)
+            for row in self._rows(
+                f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND status = ?", (server, ERROR)
+            )
+        ]
 
     def get(self, key):
         """The record of `key`, or None."""
@@ -148,9 +161,13 @@ class Store:
 
     def processed_named(self, server, local_name):
         """Processed records of `server` whose copy in incoming/ was called `local_name`."""
-        return [_record(row) for row in self._rows(
-            f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND local_name = ? AND status = ?",
-            (server, _blob(local_name), PROCESSED))]
+        return [
+            _record(row)
+            for row in self._rows(
+                f"SELECT {_BODY_COLUMNS} FROM records WHERE server = ? AND local_name = ? AND status = ?",
+                (server, _blob(local_name), PROCESSED),
+            )
+        ]
 
     def content_owner(self, server, sha256):
         """The key of the record that first processed this content on `server`, or None."""
@@ -165,8 +182,7 @@ class Store:
     def all_records(self, server=None):
         """Every record (of `server`), for tests and inspection."""
         where, args = ("WHERE server = ?", (server,)) if server else ("", ())
-        return [_record(row) for row in self._rows(f"SELECT {_BODY_COLUMNS} FROM records {where} ORDER BY key",
-                                                   args)]
+        return [_record(row) for row in self._rows(f"SELECT {_BODY_COLUMNS} FROM records {where} ORDER BY key", args)]
 
     # --- writes --------------------------------------------------------------------------
 
@@ -177,8 +193,18 @@ class Store:
         for rec in records:
             rec.updated_at = now
             rec.created_at = rec.created_at or now
-            rows.append((rec.key, rec.server, rec.status, rec.size, rec.mtime, rec.sha256,
-                         *(_blob(getattr(rec, name)) for name in _NAME_FIELDS), _body(rec)))
+            rows.append(
+                (
+                    rec.key,
+                    rec.server,
+                    rec.status,
+                    rec.size,
+                    rec.mtime,
+                    rec.sha256,
+                    *(_blob(getattr(rec, name)) for name in _NAME_FIELDS),
+                    _body(rec),
+                )
+            )
         try:
             with self._lock:
                 self._transaction(rows, contents, owners)
@@ -186,7 +212,8 @@ class Store:
             raise StateWriteError(
                 f"{self.path}: could not record {len(rows)} file(s) ({exc}); nothing is lost: the next run "
                 "does those files again, to the same paths. Free space on that filesystem (or fix the "
-                "error), then rerun") from None
+                "error), then rerun"
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from None
 
@@ -195,8 +222,9 @@ class Store:
         try:
             self._db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             self._db.executemany("INSERT OR IGNORE INTO contents VALUES (?,?,?)", list(contents))
-            self._db.executemany("INSERT OR REPLACE INTO owners VALUES (?,?,?)",
-                                 [(s, _blob(p), k) for s, p, k in owners])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO owners VALUES (?,?,?)", [(s, _blob(p), k) for s, p, k in owners]
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -223,8 +251,9 @@ class Store:
                 if old is None or item.get("rev", 0) > old.get("rev", 0):
                     latest[item["key"]] = item
         records = [_from_legacy(item) for item in latest.values()]
-        contents = [(r.server, r.sha256, r.key) for r in records
-                    if r.status == PROCESSED and r.sha256 and not r.duplicate_of]
+        contents = [
+            (r.server, r.sha256, r.key) for r in records if r.status == PROCESSED and r.sha256 and not r.duplicate_of
+        ]
         owners = [(r.server, p, r.key) for r in records for p in (r.extracted_path, r.source_path) if p]
         self.commit(records, contents, owners)
         self.set_meta("legacy_imported", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

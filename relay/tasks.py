@@ -29,6 +29,7 @@ def build(config_dir=None):
     """Validate the configuration and make the (not yet started) Run; a user error for doit if invalid."""
     try:
         from doit import get_var
+
         incoming, sequential = get_var("incoming", None), get_var("sequential", None)
         config_dir = config_dir or get_var("config", None)
     except Exception:  # noqa: BLE001 - get_var is only usable under the doit command
@@ -51,8 +52,10 @@ def doit_config(run):
     try:
         os.makedirs(settings.state_dir, exist_ok=True)
     except OSError as exc:
-        raise InvalidDodoFile(f"{settings.config_dir}/.env: STATE_DIR: {settings.state_dir}: cannot create it "
-                              f"({exc.strerror}); create it, or point STATE_DIR somewhere writable") from None
+        raise InvalidDodoFile(
+            f"{settings.config_dir}/.env: STATE_DIR: {settings.state_dir}: cannot create it "
+            f"({exc.strerror}); create it, or point STATE_DIR somewhere writable"
+        ) from None
     servers = len(settings.enabled_servers)
     threads = 1 if settings.max_per_server == 1 and settings.max_workers == 1 else min(MAX_SERVERS_AT_ONCE, servers)
     return {
@@ -89,8 +92,19 @@ class Known:
 def _drops(run, server, named):
     """Records for the files in incoming/<server>/ that `named` does not cover (not stored)."""
     files, _ = scan_incoming(run.layout.incoming(server))
-    return [Record(key=version_key(server, "local", f.name, f.size, f.mtime), server=server, origin="local",
-                   local_name=f.name, size=f.size, mtime=f.mtime, status=COPIED) for f in files if f.name not in named]
+    return [
+        Record(
+            key=version_key(server, "local", f.name, f.size, f.mtime),
+            server=server,
+            origin="local",
+            local_name=f.name,
+            size=f.size,
+            mtime=f.mtime,
+            status=COPIED,
+        )
+        for f in files
+        if f.name not in named
+    ]
 
 
 def _labelled(records):
@@ -105,19 +119,35 @@ def plan_tasks(run):
     """`plan:<server>`: one SSH round trip listing the server, and the plan of its work."""
     for server in run.settings.enabled_servers:
         # After the server's recover tasks: a recovery's changes are in the store before the plan reads it.
-        yield {"name": server.name, "actions": [(actions.list_action, [run, server.name])], "uptodate": [False],
-               "task_dep": [f"recover:{kind}/{server.name}" for kind in ERROR_KINDS],
-               "io": NO_CAPTURE, "doc": f"list {server.name} and plan its work"}
+        yield {
+            "name": server.name,
+            "actions": [(actions.list_action, [run, server.name])],
+            "uptodate": [False],
+            "task_dep": [f"recover:{kind}/{server.name}" for kind in ERROR_KINDS],
+            "io": NO_CAPTURE,
+            "doc": f"list {server.name} and plan its work",
+        }
 
 
 def fetch_tasks(run):
     """`fetch:<server>`: renames recognised on the server, then one batched rsync of the due files."""
     for server in run.settings.enabled_servers:
-        yield {"name": server.name, "actions": [(actions.fetch_action, [run, server.name])],
-               "task_dep": [f"plan:{server.name}"], "uptodate": [False], "io": NO_CAPTURE,
-               "doc": f"fetch the files due on {server.name} (--only FILE: just that one)",
-               "params": [{"name": "only", "long": "only", "default": "",
-                           "help": "fetch only this file (its name as `doit list --all` shows it)"}]}
+        yield {
+            "name": server.name,
+            "actions": [(actions.fetch_action, [run, server.name])],
+            "task_dep": [f"plan:{server.name}"],
+            "uptodate": [False],
+            "io": NO_CAPTURE,
+            "doc": f"fetch the files due on {server.name} (--only FILE: just that one)",
+            "params": [
+                {
+                    "name": "only",
+                    "long": "only",
+                    "default": "",
+                    "help": "fetch only this file (its name as `doit list --all` shows it)",
+                }
+            ],
+        }
 
 
 def extract_tasks(run, known):
@@ -125,15 +155,26 @@ def extract_tasks(run, known):
     for each file known to be due or parked (running it is doing, or retrying, that file alone)."""
     for server in run.settings.enabled_servers:
         for name, rec in known.records.get(server.name, ()):
-            doc = f"parked in error/{rec.error_kind}: {rec.last_error}"[:200] if rec.status == ERROR else \
-                f"verify, extract and file {server.name}:{name}"
-            yield {"name": f"{server.name}/{name}",
-                   "actions": [(actions.file_action, [run, server.name, rec.key, rec if rec.origin == "local" else None])],
-                   "io": NO_CAPTURE, "uptodate": [False], "doc": doc}
-        yield {"name": server.name, "actions": [(actions.extract_action, [run, server.name])],
-               "task_dep": [f"fetch:{server.name}"],
-               "uptodate": [False], "io": NO_CAPTURE,
-               "doc": f"everything for {server.name}: list, fetch, verify, extract and file"}
+            doc = (
+                f"parked in error/{rec.error_kind}: {rec.last_error}"[:200]
+                if rec.status == ERROR
+                else f"verify, extract and file {server.name}:{name}"
+            )
+            yield {
+                "name": f"{server.name}/{name}",
+                "actions": [(actions.file_action, [run, server.name, rec.key, rec if rec.origin == "local" else None])],
+                "io": NO_CAPTURE,
+                "uptodate": [False],
+                "doc": doc,
+            }
+        yield {
+            "name": server.name,
+            "actions": [(actions.extract_action, [run, server.name])],
+            "task_dep": [f"fetch:{server.name}"],
+            "uptodate": [False],
+            "io": NO_CAPTURE,
+            "doc": f"everything for {server.name}: list, fetch, verify, extract and file",
+        }
 
 
 def recover_tasks(run, known):
@@ -146,11 +187,19 @@ def recover_tasks(run, known):
         for kind in ERROR_KINDS:
             leaf = f"{kind}/{server.name}"
             count = sum(1 for rec in parked if rec.error_kind == kind)
-            yield {"name": leaf, "actions": [(actions.recover_action, [run, server.name, kind])],
-                   "uptodate": [actions.armed], "io": NO_CAPTURE,
-                   "doc": f"{count} file(s) parked in error/{leaf}; retry with: doit forget -s recover:{leaf} && doit run"}
+            yield {
+                "name": leaf,
+                "actions": [(actions.recover_action, [run, server.name, kind])],
+                "uptodate": [actions.armed],
+                "io": NO_CAPTURE,
+                "doc": f"{count} file(s) parked in error/{leaf}; retry with: doit forget -s recover:{leaf} && doit run",
+            }
             for selector in ("all", server.name, kind):
                 groups.setdefault(selector, []).append(f"recover:{leaf}")
     for selector, deps in groups.items():
-        yield {"name": selector, "actions": None, "task_dep": deps,
-               "doc": f"parked files ({selector}); retry with: doit forget -s recover:{selector} && doit run"}
+        yield {
+            "name": selector,
+            "actions": None,
+            "task_dep": deps,
+            "doc": f"parked files ({selector}); retry with: doit forget -s recover:{selector} && doit run",
+        }

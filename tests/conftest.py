@@ -17,8 +17,10 @@ from relay.store import Store
 REPO = Path(__file__).resolve().parent.parent
 DODO = str(REPO / "dodo.py")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("rsync"),
-                                reason="end-to-end tests need root, sshd and rsync (run: bash .ci/setup)")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("rsync"),
+    reason="end-to-end tests need root, sshd and rsync (run: bash .ci/setup)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +57,15 @@ class Env:
 
     def configure(self, pipeline=None, env=None, patterns=("*.gz",), servers=None):
         """(Re)write the three config files."""
-        self.box.write_config(str(self.conf), str(self.work), pipeline=pipeline, env=env,
-                              patterns=patterns, subdir=self.subdir, servers=servers)
+        self.box.write_config(
+            str(self.conf),
+            str(self.work),
+            pipeline=pipeline,
+            env=env,
+            patterns=patterns,
+            subdir=self.subdir,
+            servers=servers,
+        )
 
     def environ(self, **extra):
         """Environment of a run: the sandbox password and this test's config dir."""
@@ -68,8 +77,14 @@ class Env:
 
     def doit(self, *args, env=None, check=None):
         """Run `doit -f dodo.py ARGS` as a user would; return the CompletedProcess."""
-        proc = subprocess.run([sys.executable, "-m", "doit", "-f", DODO, *args], cwd=str(self.root),
-                              env=env or self.environ(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "doit", "-f", DODO, *args],
+            cwd=str(self.root),
+            env=env or self.environ(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if check is not None:
             assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -108,8 +123,12 @@ def sha(data):
 def small_filesystem(path, size):
     """A tmpfs of `size` (e.g. "4m") mounted on `path` for the test, to run out of space for real."""
     path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
     try:
         yield path

@@ -77,13 +77,13 @@ class LogRotator:
         self.statefile = workdir / f"{server}-{name}.logrotate.state"
         # `su root root`: logrotate refuses a directory that is group- or world-writable unless it
         # is told which user to rotate as; the config must be root's and not writable by others.
-        directives = ["su root root", f"rotate {keep}", "missingok", "notifempty", "nomail",
-                      *SCHEMES[scheme]]
+        directives = ["su root root", f"rotate {keep}", "missingok", "notifempty", "nomail", *SCHEMES[scheme]]
         self.conf.write_text(f'"{self.log}" {{\n' + "".join(f"    {d}\n" for d in directives) + "}\n")
         os.chmod(self.conf, 0o644)
         os.chmod(self.directory, 0o755)
-        assert not self.rotated_files() and not self.log.exists(), \
+        assert not self.rotated_files() and not self.log.exists(), (
             f"{self.directory} already holds {self.name} files (another test's directory?)"
+        )
 
     def write(self, count=1):
         """Append `count` new lines to the live log (created 0644, readable by the sandbox user)."""
@@ -117,11 +117,13 @@ class LogRotator:
             # Not a synchronisation: the name is made of the clock's second, which must have moved on.
             while int(time.clock_gettime(COARSE_CLOCK)) <= self._last_second:
                 time.sleep(max(0.0, self._last_second + 1 - time.clock_gettime(COARSE_CLOCK)) + 0.002)
-        proc = subprocess.run([LOGROTATE, "-f", "-s", str(self.statefile), str(self.conf)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [LOGROTATE, "-f", "-s", str(self.statefile), str(self.conf)], capture_output=True, text=True, timeout=60
+        )
         self._last_second = int(time.clock_gettime(COARSE_CLOCK))
-        assert proc.returncode == 0 and "error" not in proc.stderr, \
+        assert proc.returncode == 0 and "error" not in proc.stderr, (
             f"logrotate ({self.scheme}) failed: exit {proc.returncode}\n{proc.stderr}\n{self.conf.read_text()}"
+        )
         for path in self.rotated_files():
             os.chmod(path, 0o644)  # (logrotate keeps the log's mode; a chmod leaves the mtime alone)
         self.rotations += 1
@@ -157,14 +159,20 @@ def invariant_problems(data_root, server, rotators):
     foreign = sorted(line for line in counts if line not in written)
     problems = []
     if missing:
-        problems.append(f"{server}: {len(missing)} of {len(expected)} compressed line(s) never extracted, e.g. "
-                        + "; ".join(f"{line[:30]}… (in {expected[line]})" for line in missing[:5]))
+        problems.append(
+            f"{server}: {len(missing)} of {len(expected)} compressed line(s) never extracted, e.g. "
+            + "; ".join(f"{line[:30]}… (in {expected[line]})" for line in missing[:5])
+        )
     if doubled:
-        problems.append(f"{server}: {len(doubled)} line(s) extracted more than once, e.g. "
-                        + "; ".join(f"{line[:30]}… x{counts[line]} in {where[line]}" for line in doubled[:5]))
+        problems.append(
+            f"{server}: {len(doubled)} line(s) extracted more than once, e.g. "
+            + "; ".join(f"{line[:30]}… x{counts[line]} in {where[line]}" for line in doubled[:5])
+        )
     if foreign:
-        problems.append(f"{server}: {len(foreign)} line(s) in extracted/ that were never written, e.g. "
-                        + "; ".join(f"{line[:40]!r} in {where[line]}" for line in foreign[:5]))
+        problems.append(
+            f"{server}: {len(foreign)} line(s) in extracted/ that were never written, e.g. "
+            + "; ".join(f"{line[:40]!r} in {where[line]}" for line in foreign[:5])
+        )
     return problems
 
 

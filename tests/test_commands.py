@@ -5,9 +5,9 @@ import json
 import random
 import shutil
 
-from relay import sandbox as sb
-
 from conftest import needs_root
+
+from relay import sandbox as sb
 
 pytestmark = needs_root
 
@@ -48,8 +48,11 @@ def test_collect_one_file(env):
     assert (env.data / "extracted" / "srv1" / "two").read_bytes() == data("2")
     # one.gz was not transferred a second time: each run fetched exactly one file.
     log = (env.work / "logs" / "logpipe-relay.log").read_text()
-    fetched = [json.loads(line)["message"] for line in log.splitlines()
-               if '"operation":"fetch"' in line and '"server":"srv1"' in line]
+    fetched = [
+        json.loads(line)["message"]
+        for line in log.splitlines()
+        if '"operation":"fetch"' in line and '"server":"srv1"' in line
+    ]
     assert fetched == ["fetched 1 file(s)", "fetched 1 file(s)"]
 
 

@@ -10,10 +10,9 @@ import sys
 import time
 
 import pytest
+from conftest import DODO, needs_root
 
 from relay import sandbox as sb
-
-from conftest import DODO, needs_root
 
 pytestmark = needs_root
 
@@ -27,6 +26,7 @@ def put(env, server, name, seed):
 def dead_port():
     """A loopback port where nothing listens (connections are refused at once)."""
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -98,18 +98,24 @@ def test_list_info_help_forget_touch_no_server_take_no_lock_and_work_during_a_ru
 
 def quick(env, *args, ok=(0,)):
     """A doit command that must succeed within 30 s (contacting a stopped server would hang it)."""
-    proc = subprocess.run([sys.executable, "-m", "doit", "-f", DODO, *args], cwd=str(env.root),
-                          env=env.environ(), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "doit", "-f", DODO, *args],
+        cwd=str(env.root),
+        env=env.environ(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode in ok, proc.stdout + proc.stderr
     return proc
 
 
 def test_importing_the_dodo_file_does_no_ssh_takes_no_lock_and_writes_nothing(env, tmp_path):
-    code = (f"import sys, runpy; sys.argv = ['doit']; runpy.run_path({DODO!r}); "
-            "print('loaded')")
+    code = f"import sys, runpy; sys.argv = ['doit']; runpy.run_path({DODO!r}); print('loaded')"
     env.configure(servers=[{"host": "127.0.0.1", "port": dead_port()}] * 3)
-    proc = subprocess.run([sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True,
-                          cwd=str(tmp_path), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env.environ(), capture_output=True, text=True, cwd=str(tmp_path), timeout=60
+    )
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr
     # Only the directory doit's own database lives in is made; nothing else at all.
     assert sorted(os.listdir(env.work)) == ["state"] and os.listdir(env.state) == []
@@ -135,10 +141,19 @@ def test_sigterm_and_ctrl_c_stop_a_hung_run_within_5s_with_its_children(env, sig
     sshd = env.box.servers[2].proc.pid
     os.kill(sshd, signal.SIGSTOP)  # srv3 accepts connections and never answers
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], env=env.environ(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(env.root))
-        wait_for(lambda: any(_program(p) == "ssh" and "127.0.0.13" in _cmdline(p)
-                             for p in descendants(proc.pid)), 60, "the ssh to srv3 started")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", DODO, "run"],
+            env=env.environ(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(env.root),
+        )
+        wait_for(
+            lambda: any(_program(p) == "ssh" and "127.0.0.13" in _cmdline(p) for p in descendants(proc.pid)),
+            60,
+            "the ssh to srv3 started",
+        )
         kids = descendants(proc.pid)
         sent = time.monotonic()
         proc.send_signal(signum)
@@ -148,8 +163,11 @@ def test_sigterm_and_ctrl_c_stop_a_hung_run_within_5s_with_its_children(env, sig
         os.kill(sshd, signal.SIGCONT)
     assert proc.returncode == status, out + err
     assert took < 5, f"took {took:.1f}s"
-    wait_for(lambda: not [k for k in kids if os.path.exists(f"/proc/{k}") and _state(k) != "Z"], 5,
-             "the run's rsync/ssh children ended")
+    wait_for(
+        lambda: not [k for k in kids if os.path.exists(f"/proc/{k}") and _state(k) != "Z"],
+        5,
+        "the run's rsync/ssh children ended",
+    )
     assert (env.data / "extracted" / "srv1" / "done").read_bytes() == done
     with open(env.state / "lock", "rb+") as fh:  # released: another run may start at once
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,15 +181,22 @@ def test_kill_9_of_a_run_takes_its_children_with_it(env):
     sshd = env.box.servers[2].proc.pid
     os.kill(sshd, signal.SIGSTOP)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run", "extract:srv3"],
-                                env=env.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd=str(env.root))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", DODO, "run", "extract:srv3"],
+            env=env.environ(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=str(env.root),
+        )
         wait_for(lambda: any(_program(p) == "ssh" for p in descendants(proc.pid)), 60, "the ssh to srv3 started")
         kids = descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=10)
-        wait_for(lambda: not [k for k in kids if os.path.exists(f"/proc/{k}") and _state(k) != "Z"], 5,
-                 "the killed run's children ended")
+        wait_for(
+            lambda: not [k for k in kids if os.path.exists(f"/proc/{k}") and _state(k) != "Z"],
+            5,
+            "the killed run's children ended",
+        )
     finally:
         os.kill(sshd, signal.SIGCONT)
 

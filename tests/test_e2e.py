@@ -5,9 +5,9 @@ import json
 import os
 import random
 
-from relay import sandbox as sb
-
 from conftest import needs_root, sha
+
+from relay import sandbox as sb
 
 pytestmark = needs_root
 
@@ -71,8 +71,9 @@ def test_second_run_transfers_and_writes_nothing_then_only_new_file(env):
     listed = env.doit("list", "--all", check=0).stdout
     assert "extract:srv1/b.gz" in listed and "srv1/a.gz" not in listed
     env.doit("run", check=0)
-    fetched = [line for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines()
-               if '"fetched ' in line]
+    fetched = [
+        line for line in (env.work / "logs" / "logpipe-relay.log").read_text().splitlines() if '"fetched ' in line
+    ]
     assert len(fetched) == 2 and '"bytes":%d' % (env.remote("srv1") / "b.gz").stat().st_size in fetched[-1]
     assert (env.data / "extracted" / "srv1" / "b").read_bytes() == logs("b")
     assert os.stat(env.data / "extracted" / "srv1" / "a").st_mtime_ns == before[env.data / "extracted" / "srv1" / "a"]
@@ -100,8 +101,15 @@ def test_corrupt_file_is_quarantined_and_run_fails_once(env):
 
 
 def test_odd_names_come_through_intact(env):
-    names = ["with space.gz", "-leading-dash.gz", "quo'te\".gz", "$(touch pwned).gz", "ünïcödé.gz",
-             os.fsdecode(b"latin1-\xe9.gz"), "new\nline.gz"]
+    names = [
+        "with space.gz",
+        "-leading-dash.gz",
+        "quo'te\".gz",
+        "$(touch pwned).gz",
+        "ünïcödé.gz",
+        os.fsdecode(b"latin1-\xe9.gz"),
+        "new\nline.gz",
+    ]
     for i, name in enumerate(names):
         put(env, "srv1", name, logs(f"odd{i}"))
     env.doit("run", check=0)
@@ -327,7 +335,9 @@ def test_landing_directories_a_killed_run_left_are_swept_and_their_files_fetched
 
 
 def test_a_glob_matching_nothing_and_a_missing_directory_are_warnings(env):
-    env.configure(servers=[{"remote_path": [str(env.remote("srv1") / "*.gz"), str(env.remote("srv1") / "nope" / "*.gz")]}])
+    env.configure(
+        servers=[{"remote_path": [str(env.remote("srv1") / "*.gz"), str(env.remote("srv1") / "nope" / "*.gz")]}]
+    )
     put(env, "srv1", "a.gz", logs("a"))
     proc = env.doit("run", "extract:srv1", check=0)  # a warning, not a failure
     assert f"remote_path {env.remote('srv1')}/nope/*.gz matched nothing" in proc.stderr

@@ -11,16 +11,15 @@ import threading
 import time
 
 import pytest
+from conftest import DODO, needs_root, small_filesystem
 
-from relay import sandbox as sb
 from relay import actions, engine
+from relay import sandbox as sb
+from relay.config import load_settings
+from relay.errors import StateWriteError
 from relay.records import COPIED, PROCESSED, SUPERSEDED, Record
 from relay.run import Run
 from relay.store import Store
-from relay.config import load_settings
-from relay.errors import StateWriteError
-
-from conftest import DODO, needs_root, small_filesystem
 
 pytestmark = needs_root
 
@@ -38,8 +37,9 @@ def seed_files(env, count=3):
 def assert_converged(env, expected):
     for (server, name), data in expected.items():
         assert (env.data / "extracted" / server / name).read_bytes() == data
-    extracted = sorted(p.relative_to(env.data / "extracted") for p in (env.data / "extracted").rglob("*")
-                       if p.is_file())
+    extracted = sorted(
+        p.relative_to(env.data / "extracted") for p in (env.data / "extracted").rglob("*") if p.is_file()
+    )
     assert len(extracted) == len(expected), extracted  # exactly once each
     assert not [p for p in env.data.rglob("*") if p.name.startswith(".") or p.name.endswith(".part")]
     assert not [p for p in (env.data / "incoming").rglob("*") if p.is_file()]
@@ -120,8 +120,10 @@ def test_state_disk_full_at_the_flush_is_a_clear_error_and_leaves_no_temp(env, t
         settings = load_settings(str(env.conf), environ=env.environ())
         os.makedirs(settings.state_dir)
         store = Store(settings.state_dir)
-        records = [Record(key=f"{i:032x}", server="srv1", origin="remote", remote_path="/l/" + "x" * 2000,
-                          status=PROCESSED) for i in range(200)]  # about 4 KB each: more than the filesystem holds
+        records = [
+            Record(key=f"{i:032x}", server="srv1", origin="remote", remote_path="/l/" + "x" * 2000, status=PROCESSED)
+            for i in range(200)
+        ]  # about 4 KB each: more than the filesystem holds
         with pytest.raises(StateWriteError) as failure:
             store.commit(records)
         message = str(failure.value)
@@ -138,14 +140,20 @@ def test_real_disk_full_while_extracting_parks_the_file_and_leaves_no_partial(en
     with small_filesystem(tmp_path / "tiny", "1m") as tiny:
         data = tiny / "data"
         # min_free_bytes 0: the disk really fills up, rather than the free-space check refusing first.
-        env.configure(pipeline={"min_free_bytes": 0},
-                      env={"DATA_ROOT": str(data), "TMP_DIR": str(tiny / "tmp"), "MAX_RETRY_EXTRACT": "2"})
+        env.configure(
+            pipeline={"min_free_bytes": 0},
+            env={"DATA_ROOT": str(data), "TMP_DIR": str(tiny / "tmp"), "MAX_RETRY_EXTRACT": "2"},
+        )
         proc = env.doit("run")
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "disk full while extracting big.log.gz" in proc.stdout + proc.stderr
         assert not list(tiny.rglob("*.part"))
         [rec] = env.records("srv1")
-        assert (rec["status"], rec["error_kind"], rec["attempts"]["extract"]) == ("error", "extract", 1)  # no retry at once
+        assert (rec["status"], rec["error_kind"], rec["attempts"]["extract"]) == (
+            "error",
+            "extract",
+            1,
+        )  # no retry at once
         assert (data / "error" / "extract" / "srv1" / "big.log.gz").exists()
         assert not (data / "extracted" / "srv1" / "big.log").exists()
         subprocess.run(["mount", "-o", "remount,size=16m", str(tiny)], check=True)  # space is back
@@ -160,9 +168,14 @@ def test_kill_9_of_the_process_group_during_rsync_transfer(env):
     path.write_bytes(gzip.compress(big, compresslevel=1))
     os.utime(path, (1_700_000_000, 1_700_000_000))
     staging = env.work / "tmp" / "fetch" / "srv1"
-    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], cwd=str(env.root),
-                            env=env.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "doit", "-f", DODO, "run"],
+        cwd=str(env.root),
+        env=env.environ(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     # Wait for rsync's hidden temp file: the transfer is under way.
     while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
@@ -279,12 +292,23 @@ def test_dead_peer_during_transfer_is_caught_and_left_due_not_parked(env):
     path = env.remote("srv1") / "big.log.gz"
     path.write_bytes(gzip.compress(big, compresslevel=1))
     os.utime(path, (1_700_000_000, 1_700_000_000))
-    env.configure(env={"SSH_DEADLINE": "6", "MAX_RETRY_COPY": "1", "SSH_SERVER_ALIVE_INTERVAL": "1",
-                       "SSH_SERVER_ALIVE_COUNT_MAX": "2"})
+    env.configure(
+        env={
+            "SSH_DEADLINE": "6",
+            "MAX_RETRY_COPY": "1",
+            "SSH_SERVER_ALIVE_INTERVAL": "1",
+            "SSH_SERVER_ALIVE_COUNT_MAX": "2",
+        }
+    )
     staging = env.work / "tmp" / "fetch" / "srv1"
-    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], cwd=str(env.root),
-                            env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "doit", "-f", DODO, "run"],
+        cwd=str(env.root),
+        env=env.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = env.box.servers[0]
     deadline = time.monotonic() + 60
     while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:

@@ -128,8 +128,12 @@ while True:
 
 @pytest.mark.parametrize("call_shutdown", ["yes", "no"])
 def test_sigterm_whose_handler_calls_shutdown_loses_no_line(tmp_path, call_shutdown):
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path), call_shutdown], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path), call_shutdown],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "logged\n"
         proc.send_signal(signal.SIGTERM)
@@ -145,24 +149,47 @@ def test_sigterm_whose_handler_calls_shutdown_loses_no_line(tmp_path, call_shutd
 
 
 def test_a_normal_exit_writes_every_queued_line(tmp_path):
-    script = ("import sys; from relay import logs; log = logs.setup(sys.argv[1]); "
-              "log._relay_file.linger = 3600; [log.info(f'line {i}') for i in range(10)]")
+    script = (
+        "import sys; from relay import logs; log = logs.setup(sys.argv[1]); "
+        "log._relay_file.linger = 3600; [log.info(f'line {i}') for i in range(10)]"
+    )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, check=True, timeout=30)
     assert [d["message"] for d in lines_of(tmp_path / "logpipe-relay.log")] == [f"line {i}" for i in range(10)]
 
 
 def test_json_fields_of_a_line(log):
     logger, path = log
-    logs.note(logger, logging.INFO, "fetched 2 file(s)", {
-        "server": "srv1", "file": "app.log.1.gz", "operation": "fetch", "bytes": 2048, "duration_ms": 12.5,
-        "attempt": 2, "error": "refused", "delay_s": 1.5})
+    logs.note(
+        logger,
+        logging.INFO,
+        "fetched 2 file(s)",
+        {
+            "server": "srv1",
+            "file": "app.log.1.gz",
+            "operation": "fetch",
+            "bytes": 2048,
+            "duration_ms": 12.5,
+            "attempt": 2,
+            "error": "refused",
+            "delay_s": 1.5,
+        },
+    )
     logger.info("bare")
     full, bare = wait_for(path, 2)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", full["timestamp"])
     assert {k: v for k, v in full.items() if k != "timestamp"} == {
-        "level": "INFO", "logger": "logpipe_relay", "message": "fetched 2 file(s)", "server": "srv1",
-        "file": "app.log.1.gz", "operation": "fetch", "bytes": 2048, "duration_ms": 12.5, "attempt": 2,
-        "error": "refused", "delay_s": 1.5}
+        "level": "INFO",
+        "logger": "logpipe_relay",
+        "message": "fetched 2 file(s)",
+        "server": "srv1",
+        "file": "app.log.1.gz",
+        "operation": "fetch",
+        "bytes": 2048,
+        "duration_ms": 12.5,
+        "attempt": 2,
+        "error": "refused",
+        "delay_s": 1.5,
+    }
     assert set(bare) == {"timestamp", "level", "logger", "message"}  # absent fields are left out
 
 
@@ -171,8 +198,10 @@ def test_a_warning_is_in_the_file_and_on_stderr_at_once(tmp_path, capsys):
         logs.note(logger, logging.INFO, "before", {})
         logs.note(logger, logging.DEBUG, "not at INFO", {})
         logger.warning("host key not accepted", extra={"server": "srv1"})
-        assert [(d["level"], d["message"]) for d in lines_of(path)] == [("INFO", "before"),
-                                                                         ("WARNING", "host key not accepted")]
+        assert [(d["level"], d["message"]) for d in lines_of(path)] == [
+            ("INFO", "before"),
+            ("WARNING", "host key not accepted"),
+        ]
         err = capsys.readouterr().err
         assert "WARNING host key not accepted server='srv1'" in err and "before" not in err
 
@@ -187,8 +216,8 @@ def test_the_file_is_reopened_when_logrotate_moves_it(log):
     assert [d["message"] for d in lines_of(path.with_name("logpipe-relay.log.1"))] == ["old"]
 
 
-
 # --- retries: each one logged with its attempt and delay; a stop ends the wait ----------------------
+
 
 class Refused(Exception):
     """A transient fault, for the retry tests."""
@@ -196,11 +225,13 @@ class Refused(Exception):
 
 def refused_then(result, failures):
     """A function that raises Refused `failures` times, then returns `result`; `.calls` counts its calls."""
+
     def fn():
         fn.calls += 1
         if fn.calls <= failures:
             raise Refused(f"refused ({fn.calls})")
         return result
+
     fn.calls = 0
     return fn
 
@@ -209,34 +240,66 @@ def test_every_retry_is_logged_at_warning_with_its_attempt_and_delay(log):
     _, path = log
     slept, failed, retried = [], [], []
     fn = refused_then("ok", 2)
-    assert retry.call_with_retry(
-        fn, attempts=3, base=2, cap=100, is_transient=lambda e: isinstance(e, Refused), rng=lambda: 0.5,
-        sleep=slept.append, on_failure=lambda exc, n: failed.append(n),
-        on_retry=lambda exc, n, delay: retried.append((str(exc), n, delay)),
-        fields={"server": "srv1", "operation": "fetch"}) == "ok"
+    assert (
+        retry.call_with_retry(
+            fn,
+            attempts=3,
+            base=2,
+            cap=100,
+            is_transient=lambda e: isinstance(e, Refused),
+            rng=lambda: 0.5,
+            sleep=slept.append,
+            on_failure=lambda exc, n: failed.append(n),
+            on_retry=lambda exc, n, delay: retried.append((str(exc), n, delay)),
+            fields={"server": "srv1", "operation": "fetch"},
+        )
+        == "ok"
+    )
     assert slept == [1.0, 2.0]  # rng 0.5 of min(cap, base * 2 ** (n - 1))
     assert failed == [1, 2] and retried == [("refused (1)", 1, 1.0), ("refused (2)", 2, 2.0)]
-    assert [(d["level"], d["message"], d["attempt"], d["delay_s"], d["server"], d["operation"], d["error"])
-            for d in lines_of(path)] == [
-        ("WARNING", "fetch attempt 1 of 3 failed: refused (1); retrying in 1.0 s", 1, 1.0, "srv1", "fetch",
-         "refused (1)"),
-        ("WARNING", "fetch attempt 2 of 3 failed: refused (2); retrying in 2.0 s", 2, 2.0, "srv1", "fetch",
-         "refused (2)")]
+    assert [
+        (d["level"], d["message"], d["attempt"], d["delay_s"], d["server"], d["operation"], d["error"])
+        for d in lines_of(path)
+    ] == [
+        (
+            "WARNING",
+            "fetch attempt 1 of 3 failed: refused (1); retrying in 1.0 s",
+            1,
+            1.0,
+            "srv1",
+            "fetch",
+            "refused (1)",
+        ),
+        (
+            "WARNING",
+            "fetch attempt 2 of 3 failed: refused (2); retrying in 2.0 s",
+            2,
+            2.0,
+            "srv1",
+            "fetch",
+            "refused (2)",
+        ),
+    ]
 
 
 def test_no_retry_line_when_there_is_no_retry(log):
     logger, path = log
     with pytest.raises(Refused):  # the last attempt: raised, not retried
-        retry.call_with_retry(refused_then("ok", 5), attempts=2, base=1, cap=1, rng=lambda: 1.0,
-                              is_transient=lambda e: True, sleep=lambda s: None)
+        retry.call_with_retry(
+            refused_then("ok", 5),
+            attempts=2,
+            base=1,
+            cap=1,
+            rng=lambda: 1.0,
+            is_transient=lambda e: True,
+            sleep=lambda s: None,
+        )
     fn = refused_then("ok", 1)
     with pytest.raises(Refused):  # not transient: raised at once, no wait
-        retry.call_with_retry(fn, attempts=5, base=1, cap=1, is_transient=lambda e: False,
-                              sleep=pytest.fail)
+        retry.call_with_retry(fn, attempts=5, base=1, cap=1, is_transient=lambda e: False, sleep=pytest.fail)
     assert fn.calls == 1
     logger.warning("end")
-    assert [d["message"] for d in lines_of(path)] == [
-        "attempt 1 of 2 failed: refused (1); retrying in 1.0 s", "end"]
+    assert [d["message"] for d in lines_of(path)] == ["attempt 1 of 2 failed: refused (1); retrying in 1.0 s", "end"]
 
 
 class SetEvent:
@@ -253,13 +316,29 @@ class SetEvent:
 def test_an_interrupted_backoff_raises_the_last_error_or_the_one_given(log):
     event, fn = SetEvent(), refused_then("ok", 3)
     with pytest.raises(Refused, match=r"refused \(1\)"):
-        retry.call_with_retry(fn, attempts=5, base=60, cap=60, rng=lambda: 1.0, is_transient=lambda e: True,
-                              sleep=pytest.fail, interrupted=event)
+        retry.call_with_retry(
+            fn,
+            attempts=5,
+            base=60,
+            cap=60,
+            rng=lambda: 1.0,
+            is_transient=lambda e: True,
+            sleep=pytest.fail,
+            interrupted=event,
+        )
     assert event.waited == [60.0] and fn.calls == 1  # Event.wait(delay), never sleep; no second attempt
     with pytest.raises(KeyboardInterrupt) as info:
-        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
-                              is_transient=lambda e: True, sleep=pytest.fail, interrupted=SetEvent(),
-                              interrupt_error=KeyboardInterrupt("stopped by SIGTERM"))
+        retry.call_with_retry(
+            refused_then("ok", 3),
+            attempts=5,
+            base=60,
+            cap=60,
+            rng=lambda: 1.0,
+            is_transient=lambda e: True,
+            sleep=pytest.fail,
+            interrupted=SetEvent(),
+            interrupt_error=KeyboardInterrupt("stopped by SIGTERM"),
+        )
     assert isinstance(info.value.__cause__, Refused)
 
 
@@ -269,9 +348,17 @@ def test_a_stop_ends_a_60_second_backoff_within_5_seconds(log):
     on_retry = lambda *_: threading.Timer(0.2, stop.set).start()  # noqa: E731
     started = time.monotonic()
     with pytest.raises(Refused):
-        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
-                              is_transient=lambda e: True, sleep=pytest.fail, on_retry=on_retry,
-                              interrupted=stop)
+        retry.call_with_retry(
+            refused_then("ok", 3),
+            attempts=5,
+            base=60,
+            cap=60,
+            rng=lambda: 1.0,
+            is_transient=lambda e: True,
+            sleep=pytest.fail,
+            on_retry=on_retry,
+            interrupted=stop,
+        )
     assert time.monotonic() - started < 5
 
 
@@ -282,6 +369,14 @@ def test_a_stop_callable_is_looked_at_during_the_wait(log):
         return len(naps) >= 3
 
     with pytest.raises(Refused):
-        retry.call_with_retry(refused_then("ok", 3), attempts=5, base=60, cap=60, rng=lambda: 1.0,
-                              is_transient=lambda e: True, sleep=naps.append, interrupted=stopping)
+        retry.call_with_retry(
+            refused_then("ok", 3),
+            attempts=5,
+            base=60,
+            cap=60,
+            rng=lambda: 1.0,
+            is_transient=lambda e: True,
+            sleep=naps.append,
+            interrupted=stopping,
+        )
     assert len(naps) == 3 and all(0 < nap <= 0.5 for nap in naps)  # < 1 s between looks

@@ -14,15 +14,32 @@ def entry(path, size, mtime="1700000000.0000000000"):
 
 def processed(path, size, mtime="1700000000.0000000000", sha="a" * 64, local=None):
     key = version_key("s", "remote", path, size, mtime)
-    rec = Record(key=key, server="s", origin="remote", remote_path=path, size=size, mtime=mtime,
-                 status=PROCESSED, sha256=sha, local_name=local or path.rsplit("/", 1)[1])
+    rec = Record(
+        key=key,
+        server="s",
+        origin="remote",
+        remote_path=path,
+        size=size,
+        mtime=mtime,
+        status=PROCESSED,
+        sha256=sha,
+        local_name=local or path.rsplit("/", 1)[1],
+    )
     return rec, Known(key, PROCESSED, size, mtime, sha, path)
 
 
 def plan(entries, known=(), unfinished=(), incoming=(), named=None, drops=True):
-    return plan_server("s", entries=entries, incoming=list(incoming), known={k.key: k for k in known},
-                       unfinished=list(unfinished), processed_named=named or {}, now=NOW, min_age=60,
-                       take_drops=drops)
+    return plan_server(
+        "s",
+        entries=entries,
+        incoming=list(incoming),
+        known={k.key: k for k in known},
+        unfinished=list(unfinished),
+        processed_named=named or {},
+        now=NOW,
+        min_age=60,
+        take_drops=drops,
+    )
 
 
 def test_a_changed_file_under_a_processed_name_is_new_work():
@@ -70,28 +87,62 @@ def test_a_copy_already_in_incoming_is_not_fetched_again():
 
 
 def test_parked_version_waits_and_a_pending_one_no_longer_listed_is_superseded():
-    parked = Record(key=version_key("s", "remote", "/l/p.gz", 5, "1.0"), server="s", origin="remote",
-                    remote_path="/l/p.gz", size=5, mtime="1.0", status=ERROR, error_kind="copy")
-    gone = Record(key="k" * 32, server="s", origin="remote", remote_path="/l/gone.gz", size=5, mtime="1.0",
-                  status=PENDING, local_name="gone.gz")
-    p = plan([entry("/l/p.gz", 5, "1.0")], [Known(parked.key, ERROR, 5, "1.0", "", "/l/p.gz")],
-             unfinished=[parked, gone])
+    parked = Record(
+        key=version_key("s", "remote", "/l/p.gz", 5, "1.0"),
+        server="s",
+        origin="remote",
+        remote_path="/l/p.gz",
+        size=5,
+        mtime="1.0",
+        status=ERROR,
+        error_kind="copy",
+    )
+    gone = Record(
+        key="k" * 32,
+        server="s",
+        origin="remote",
+        remote_path="/l/gone.gz",
+        size=5,
+        mtime="1.0",
+        status=PENDING,
+        local_name="gone.gz",
+    )
+    p = plan(
+        [entry("/l/p.gz", 5, "1.0")], [Known(parked.key, ERROR, 5, "1.0", "", "/l/p.gz")], unfinished=[parked, gone]
+    )
     assert p.parked == [parked] and p.superseded == [gone] and p.due == []
 
 
 def test_listing_failed_keeps_pending_and_goes_on_with_local_copies():
-    pending = Record(key="p" * 32, server="s", origin="remote", remote_path="/l/x.gz", size=5, mtime="1.0",
-                     status=PENDING, local_name="x.gz")
-    copied = Record(key="c" * 32, server="s", origin="remote", remote_path="/l/y.gz", size=7, mtime="1.0",
-                    status=COPIED, local_name="y.gz")
+    pending = Record(
+        key="p" * 32,
+        server="s",
+        origin="remote",
+        remote_path="/l/x.gz",
+        size=5,
+        mtime="1.0",
+        status=PENDING,
+        local_name="x.gz",
+    )
+    copied = Record(
+        key="c" * 32,
+        server="s",
+        origin="remote",
+        remote_path="/l/y.gz",
+        size=7,
+        mtime="1.0",
+        status=COPIED,
+        local_name="y.gz",
+    )
     p = plan(None, unfinished=[pending, copied], incoming=[Local("y.gz", 7, "1.000000000")])
     assert p.due == [copied] and p.superseded == [] and not p.listed
 
 
 def test_a_processed_source_left_in_incoming_is_finished_not_redone():
     rec, known = processed("/l/a.gz", 10, local="a.gz")
-    p = plan([entry("/l/a.gz", 10)], [known], incoming=[Local("a.gz", 10, "1700000000.000000000")],
-             named={"a.gz": [rec]})
+    p = plan(
+        [entry("/l/a.gz", 10)], [known], incoming=[Local("a.gz", 10, "1700000000.000000000")], named={"a.gz": [rec]}
+    )
     assert p.finish == [rec] and p.due == []
 
 
@@ -107,6 +158,5 @@ def test_young_files_wait():
 
 def test_filed_name_tags_a_taken_name_with_the_content():
     assert filed_name("a.log.1.gz", "0123456789abcdef" * 4, lambda n: False) == "a.log.1.gz"
-    assert filed_name("a.log.1.gz", "0123456789abcdef" * 4, lambda n: n == "a.log.1.gz") == \
-        "a.log.1.0123456789ab.gz"
+    assert filed_name("a.log.1.gz", "0123456789abcdef" * 4, lambda n: n == "a.log.1.gz") == "a.log.1.0123456789ab.gz"
     assert filed_name("plain", "0123456789abcdef" * 4, lambda n: n == "plain") == "plain.0123456789ab"

@@ -5,9 +5,9 @@ import os
 import random
 import signal
 
-from relay import sandbox as sb
-
 from conftest import needs_root
+
+from relay import sandbox as sb
 
 pytestmark = needs_root
 
@@ -71,5 +71,6 @@ def test_a_new_version_under_a_taken_incoming_name_is_named_after_its_content(en
     put(env, "app.log.1.gz", "remote")
     env.doit("run", "extract:srv1", check=0)
     names = sorted(p.name for p in (env.data / "extracted" / "srv1").iterdir())
-    assert len(names) == 2 and all(n.startswith("app.log.1") and "~" not in n and not n.endswith(".out")
-                                   for n in names), names
+    assert len(names) == 2 and all(
+        n.startswith("app.log.1") and "~" not in n and not n.endswith(".out") for n in names
+    ), names

@@ -14,13 +14,12 @@ import time
 
 import msgspec
 import pytest
+from conftest import REPO, needs_root
 
 from relay import config, remote
 from relay import sandbox as sb
 from relay.config import Server
 from relay.errors import AuthFailed, RemoteError, RemoteFileMissing, RemoteUnreachable, RunInterrupted
-
-from conftest import REPO, needs_root
 
 
 def load(tmp_path, servers, **env):
@@ -89,11 +88,22 @@ def slow_command(settings, name):
     if name == "local":
         return ["sleep", "60"]
     server = settings.server(name)
-    return remote.with_password(server, ["ssh", *remote.ssh_options(settings, server, remote.control_dir(
-        settings.state_dir)), "-o", "ControlMaster=no", "--", server.host, "sleep 60"])
+    return remote.with_password(
+        server,
+        [
+            "ssh",
+            *remote.ssh_options(settings, server, remote.control_dir(settings.state_dir)),
+            "-o",
+            "ControlMaster=no",
+            "--",
+            server.host,
+            "sleep 60",
+        ],
+    )
 
 
 # --- the ControlMaster socket is named by the whole connection -------------------------------
+
 
 def test_the_control_socket_changes_with_every_field_that_defines_the_connection(tmp_path):
     settings = load(tmp_path, [{"name": "srv1", "host": "h1", "user": "u", "remote_path": "/x/*.gz"}])
@@ -143,9 +153,26 @@ def test_a_changed_user_is_refused_not_served_by_the_old_master(env, name):
 
 # --- the server's own sha256sum -------------------------------------------------------------
 
-HOSTILE = [b"plain.gz", b"with space.gz", b"-dash.gz", b"--help", b"-", b"q'uo\"te.gz", b"$(touch pwned).gz",
-           b"`touch pwned2`;x", b"new\nline.gz", b"trailing-newline\n", b"back\\slash.gz", b"\\n", b"tab\tgz",
-           b" lead space", b"latin-\xe9.gz", b"\xff\xfe", b"star*?[x]", b"x  y"]
+HOSTILE = [
+    b"plain.gz",
+    b"with space.gz",
+    b"-dash.gz",
+    b"--help",
+    b"-",
+    b"q'uo\"te.gz",
+    b"$(touch pwned).gz",
+    b"`touch pwned2`;x",
+    b"new\nline.gz",
+    b"trailing-newline\n",
+    b"back\\slash.gz",
+    b"\\n",
+    b"tab\tgz",
+    b" lead space",
+    b"latin-\xe9.gz",
+    b"\xff\xfe",
+    b"star*?[x]",
+    b"x  y",
+]
 
 
 def write_remote(directory, names):
@@ -209,8 +236,10 @@ def test_remote_sha256_is_none_without_a_usable_sha256sum_on_the_server(env):
     expected = write_remote(where, [b"a.gz"])
     only_xargs = where / "only-xargs"
     only_xargs.mkdir()
-    os.symlink(subprocess.run(["sh", "-c", "command -v xargs"], capture_output=True, text=True).stdout.strip(),
-               only_xargs / "xargs")
+    os.symlink(
+        subprocess.run(["sh", "-c", "command -v xargs"], capture_output=True, text=True).stdout.strip(),
+        only_xargs / "xargs",
+    )
     old = where / "old-sha256sum"  # a sha256sum from before -z, as coreutils 8.30 is
     old.mkdir()
     os.symlink(only_xargs / "xargs", old / "xargs")
@@ -241,6 +270,7 @@ def test_remote_sha256_raises_the_classified_error_when_the_server_cannot_be_use
 
 # --- local failures ------------------------------------------------------------------------
 
+
 def test_a_missing_local_tool_is_said_as_such_not_taken_for_a_missing_remote_file():
     with pytest.raises(RemoteError, match="no-such-tool is not installed") as caught:
         remote._run(LOCAL, ["no-such-tool"], deadline=5, children=remote.Children())
@@ -254,13 +284,13 @@ def test_a_command_killed_by_a_signal_is_a_transient_remote_failure():
 
 # --- the run's children ---------------------------------------------------------------------
 
+
 @needs_root
 @pytest.mark.parametrize("name", ["local", "srv1", "srv2"])
 def test_stop_ends_a_running_command_within_5s_and_every_later_one_at_once(env, name):
     settings = env_settings(env)
     children = remote.Children()
-    conn = remote.Connection(settings, settings.server("srv1" if name == "local" else name), env.environ(),
-                             children)
+    conn = remote.Connection(settings, settings.server("srv1" if name == "local" else name), env.environ(), children)
     conn.open()
     outcome = []
 
@@ -274,8 +304,11 @@ def test_stop_ends_a_running_command_within_5s_and_every_later_one_at_once(env, 
     worker.start()
     try:
         wait_until(children.live, 10, "the command registered")
-        wait_until(lambda: {"sleep" if name == "local" else "ssh"} <= names(tree(children.live()[0])), 10,
-                   "the command started")
+        wait_until(
+            lambda: {"sleep" if name == "local" else "ssh"} <= names(tree(children.live()[0])),
+            10,
+            "the command started",
+        )
         procs = tree(children.live()[0])
         began = time.monotonic()
         children.stop()
@@ -316,10 +349,14 @@ worker.join()
 def test_a_killed_run_takes_its_ssh_and_rsync_with_it(env, name):
     settings = env_settings(env)
     server = "srv2" if name == "local" else name
-    helper = subprocess.Popen([sys.executable, "-c", HELPER, str(env.conf), server,
-                               json.dumps(slow_command(settings, name))],
-                              cwd=str(REPO), env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    helper = subprocess.Popen(
+        [sys.executable, "-c", HELPER, str(env.conf), server, json.dumps(slow_command(settings, name))],
+        cwd=str(REPO),
+        env=env.environ(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = helper.stdout.readline()
         assert line, f"the helper ended before its command started: {helper.stderr.read()[-2000:]}"
@@ -387,7 +424,12 @@ print("done", len(failures), failures[:3], children.live(), flush=True)
 
 def test_many_threads_start_commands_while_others_log_allocate_and_import(tmp_path):
     # In a process of its own with a timeout: a deadlock fails the test instead of hanging it.
-    proc = subprocess.run([sys.executable, "-c", STRESS, str(tmp_path / "log"), "90"], cwd=str(REPO),
-                          capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(
+        [sys.executable, "-c", STRESS, str(tmp_path / "log"), "90"],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert proc.returncode == 0 and proc.stdout == "done 0 [] []\n", (proc.stdout, proc.stderr[-3000:])
     assert (tmp_path / "log").read_text().count("noise") > 100  # the others did run meanwhile

@@ -6,9 +6,9 @@ import os
 import shutil
 
 import pytest
-
 from conftest import needs_root
-from rotation import LogRotator, RelayLog, assert_settled, check_extracted, files_under, run_ok as run
+from rotation import LogRotator, RelayLog, assert_settled, check_extracted, files_under
+from rotation import run_ok as run
 
 pytestmark = needs_root
 
@@ -49,8 +49,9 @@ def test_twenty_full_slots_one_more_rotation_moves_only_the_new_file(env, tmp_pa
     check_extracted(env.data, "srv1", rot, "the 23rd rotation")
     # What rsync moved: the `fetch` lines of this run say the size of every file delivered.
     fetches = log.fetches()
-    assert log.fetched_bytes() == new.stat().st_size, \
+    assert log.fetched_bytes() == new.stat().st_size, (
         f"19 renames and one new file ({new.stat().st_size} bytes); the run fetched {fetches}"
+    )
     after = files_under(env.data / "processed" / "srv1")
     added = sorted(name for name, data in after.items() if data not in set(before.values()))
     assert [after[name] for name in added] == [new.read_bytes()], f"new content under processed/: {added}"
@@ -82,8 +83,11 @@ def test_content_rewritten_under_the_same_name(env, tmp_path):
     assert [p.name for p in rot.rotated_files()] == ["app.log.1.gz"]
     run(env, "after the rewrite")
     check_extracted(env.data, "srv1", rot, "after the rewrite")  # old and new lines, each exactly once
-    holders = {name for name, data in files_under(env.data / "extracted" / "srv1").items()
-               if new_lines & set(data.decode().splitlines())}
+    holders = {
+        name
+        for name, data in files_under(env.data / "extracted" / "srv1").items()
+        if new_lines & set(data.decode().splitlines())
+    }
     assert len(holders) == 1 and old_file not in holders, holders
     [new_file] = holders
     assert new_file.startswith("app.log.1") and new_file != old_file, new_file  # a name that says which version

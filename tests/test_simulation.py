@@ -17,10 +17,10 @@ import subprocess
 import sys
 import time
 
-from relay import sandbox as sb
-
 from conftest import DODO, needs_root
 from rotation import SCHEMES, LogRotator, assert_settled, invariant_problems
+
+from relay import sandbox as sb
 
 pytestmark = needs_root
 
@@ -29,8 +29,13 @@ STEPS = int(os.environ.get("SIM_STEPS") or 60)
 KEEP = 6  # rotate 6; at most KEEP - 2 rotations between two good runs, so no file is rotated away unseen
 SERVERS = ("srv1", "srv2", "srv3")
 # Short enough that a cut server is given up within seconds (a keepalive each second, two missed).
-FAST_FAILURE = {"SSH_CONNECT_TIMEOUT": "2", "SSH_SERVER_ALIVE_INTERVAL": "1", "SSH_SERVER_ALIVE_COUNT_MAX": "2",
-                "SSH_DEADLINE": "20", "MAX_RETRY_COPY": "2"}
+FAST_FAILURE = {
+    "SSH_CONNECT_TIMEOUT": "2",
+    "SSH_SERVER_ALIVE_INTERVAL": "1",
+    "SSH_SERVER_ALIVE_COUNT_MAX": "2",
+    "SSH_DEADLINE": "20",
+    "MAX_RETRY_COPY": "2",
+}
 RUN_TIMEOUT = 90  # seconds: no run here should take a tenth of it
 
 
@@ -73,8 +78,10 @@ class Simulation:
         self.env, self.workdir, self.seed = env, workdir, seed
         self.rng = random.Random(seed)
         schemes = self.rng.sample(sorted(SCHEMES), len(SERVERS))
-        self.rotators = {name: LogRotator(env.remote(name), workdir / "logrotate", name, scheme=scheme,
-                                          keep=KEEP, seed=seed) for name, scheme in zip(SERVERS, schemes)}
+        self.rotators = {
+            name: LogRotator(env.remote(name), workdir / "logrotate", name, scheme=scheme, keep=KEEP, seed=seed)
+            for name, scheme in zip(SERVERS, schemes)
+        }
         self.pending = dict.fromkeys(SERVERS, 0)  # rotations since the last good run
         self.steps = []
         self.good_runs = 0
@@ -83,8 +90,10 @@ class Simulation:
 
     def context(self, text=""):
         schemes = ", ".join(f"{n} {r.scheme}" for n, r in self.rotators.items())
-        return (f"simulation seed {self.seed} (replay: SIM_SEED={self.seed}); {schemes}; {text}\n"
-                "steps:\n  " + "\n  ".join(f"{i + 1}. {s}" for i, s in enumerate(self.steps)))
+        return (
+            f"simulation seed {self.seed} (replay: SIM_SEED={self.seed}); {schemes}; {text}\n"
+            "steps:\n  " + "\n  ".join(f"{i + 1}. {s}" for i, s in enumerate(self.steps))
+        )
 
     # --- steps ---------------------------------------------------------------------------
 
@@ -116,7 +125,8 @@ class Simulation:
         delay = round(self.rng.uniform(0.05, 1.0), 3)  # a run takes about 1 s here
         tree = self.rng.random() < 0.5
         code = self._interrupted(delay, signal.SIGKILL, tree)
-        return f"run killed with SIGKILL ({'with all its descendants' if tree else 'its own process'}) after {delay}s: {code}"
+        whom = "with all its descendants" if tree else "its own process"
+        return f"run killed with SIGKILL ({whom}) after {delay}s: {code}"
 
     def terminate(self):
         delay = round(self.rng.uniform(0.05, 1.0), 3)
@@ -157,9 +167,15 @@ class Simulation:
         self.runs += 1
         out = self.workdir / f"run-{self.runs}.out"
         with open(out, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", DODO, "run"], cwd=str(self.env.root),
-                                    env=self.env.environ(), stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "doit", "-f", DODO, "run"],
+                cwd=str(self.env.root),
+                env=self.env.environ(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return proc, out
 
     def _wait(self, proc, until, last=False):

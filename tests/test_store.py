@@ -11,8 +11,17 @@ from relay.store import Store
 
 
 def rec(path, status=PENDING, size=10, mtime="1.0", **kw):
-    return Record(key=version_key("a", "remote", path, size, mtime), server="a", origin="remote",
-                  remote_path=path, local_name=os.path.basename(path), size=size, mtime=mtime, status=status, **kw)
+    return Record(
+        key=version_key("a", "remote", path, size, mtime),
+        server="a",
+        origin="remote",
+        remote_path=path,
+        local_name=os.path.basename(path),
+        size=size,
+        mtime=mtime,
+        status=status,
+        **kw,
+    )
 
 
 def test_records_round_trip_with_any_byte_in_their_names(tmp_path):
@@ -55,9 +64,21 @@ def test_a_corrupt_database_is_one_clear_error_never_a_reset(tmp_path):
 def test_the_old_records_tree_is_imported_once(tmp_path):
     base = tmp_path / "records" / "srv1"
     base.mkdir(parents=True)
-    old = {"key": "0" * 32, "server": "srv1", "origin": "remote", "remote_path": "/l/a.gz", "local_name": "a.gz",
-           "size": 5, "mtime": "1.0", "generation": 0, "status": "processed", "sha256": "d" * 64, "rev": 1,
-           "extracted_path": "/d/extracted/srv1/a", "raw": {}}
+    old = {
+        "key": "0" * 32,
+        "server": "srv1",
+        "origin": "remote",
+        "remote_path": "/l/a.gz",
+        "local_name": "a.gz",
+        "size": 5,
+        "mtime": "1.0",
+        "generation": 0,
+        "status": "processed",
+        "sha256": "d" * 64,
+        "rev": 1,
+        "extracted_path": "/d/extracted/srv1/a",
+        "raw": {},
+    }
     (base / "batch-000000000001.json").write_text(json.dumps([old, {**old, "rev": 0, "status": "pending"}]))
     store = Store(str(tmp_path))
     assert store.import_legacy(str(tmp_path)) == 1

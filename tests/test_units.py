@@ -3,34 +3,50 @@
 import errno
 import gzip
 import hashlib
-import json
 import logging
 import os
 import random
 import subprocess
-import sys
 import threading
 import types
-from pathlib import Path
 
 import pytest
 
 from relay import codecs, fetching, remote, retry
 from relay.config import Server, Settings
-from relay.errors import (ArchiveError, AuthFailed, CorruptArchive, HostKeyMismatch, RemoteFileMissing,
-                          RemoteUnreachable)
+from relay.errors import ArchiveError, AuthFailed, CorruptArchive, HostKeyMismatch, RemoteFileMissing, RemoteUnreachable
 
 
 def settings(**over):
     values = dict(
-        config_dir="/c", data_root="/d/data", state_dir="/d/state", log_dir="/d/logs", tmp_dir="/d/tmp",
-        max_retry_copy=3, max_retry_extract=3, retry_delay_base=1.0, retry_delay_max=8.0,
-        log_format="json", log_level="INFO", ssh_known_hosts="/k/known hosts",
-        ssh_identity_file=None, ssh_strict_host_key_checking="yes", ssh_connect_timeout=10,
-        ssh_server_alive_interval=15, ssh_server_alive_count_max=3, ssh_deadline=3600,
-        ssh_control_persist=60, servers=(), delete_source=False, process_incoming=True,
-        max_workers=2, max_per_server=2, min_file_age_seconds=60, max_extracted_bytes=10**9,
-        min_free_bytes=0)
+        config_dir="/c",
+        data_root="/d/data",
+        state_dir="/d/state",
+        log_dir="/d/logs",
+        tmp_dir="/d/tmp",
+        max_retry_copy=3,
+        max_retry_extract=3,
+        retry_delay_base=1.0,
+        retry_delay_max=8.0,
+        log_format="json",
+        log_level="INFO",
+        ssh_known_hosts="/k/known hosts",
+        ssh_identity_file=None,
+        ssh_strict_host_key_checking="yes",
+        ssh_connect_timeout=10,
+        ssh_server_alive_interval=15,
+        ssh_server_alive_count_max=3,
+        ssh_deadline=3600,
+        ssh_control_persist=60,
+        servers=(),
+        delete_source=False,
+        process_incoming=True,
+        max_workers=2,
+        max_per_server=2,
+        min_file_age_seconds=60,
+        max_extracted_bytes=10**9,
+        min_free_bytes=0,
+    )
     values.update(over)
     return Settings(**values)
 
@@ -40,6 +56,7 @@ PASS_SERVER = Server(name="srv2", host="h2", user="u", remote_paths=("/x/*.gz",)
 
 
 # --- rsync / ssh argument lists -------------------------------------------------------------
+
 
 def test_rsync_flags_are_hardened():
     argv = remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/var/log", "/stage")
@@ -62,7 +79,7 @@ def test_rsync_trusts_the_sender_unless_the_local_rsync_lacks_the_option(monkeyp
     assert "--trust-sender" not in remote.rsync_argv(settings(), KEY_SERVER, "/sock", "/x", "/s", trust_sender=False)
     old = "rsync: --trust-sender: unknown option\nrsync error: syntax or usage error (code 1) at main.c(1795)\n"
     assert remote.refuses_trust_sender(old)
-    assert not remote.refuses_trust_sender("rsync: link_stat \"/x/a.gz\" failed: No such file or directory (2)")
+    assert not remote.refuses_trust_sender('rsync: link_stat "/x/a.gz" failed: No such file or directory (2)')
     calls = []
 
     def fake_run(server, argv, **kw):  # an rsync before 3.2.5: refuses the option, then works without it
@@ -105,12 +122,18 @@ def test_a_batch_landing_directory_is_removed_and_unasked_files_are_said(tmp_pat
     (staging / "sub").mkdir()
     (staging / "sub" / "deeper.gz").write_bytes(b"4")
     said = []
-    monkeypatch.setattr(fetching.logs, "note", lambda logger, level, message, fields: said.append(
-        (level, message, fields)))
+    monkeypatch.setattr(
+        fetching.logs, "note", lambda logger, level, message, fields: said.append((level, message, fields))
+    )
     fetching._clear_staging(types.SimpleNamespace(log=None), "srv1", str(staging), {"asked.gz"})
     assert not staging.exists()
-    assert said == [(logging.WARNING, "the server sent 2 file(s) that were not asked for (extra.gz, sub); "
-                     "removed, not processed", {"server": "srv1", "operation": "fetch"})]
+    assert said == [
+        (
+            logging.WARNING,
+            "the server sent 2 file(s) that were not asked for (extra.gz, sub); removed, not processed",
+            {"server": "srv1", "operation": "fetch"},
+        )
+    ]
 
 
 def test_password_goes_through_sshpass_env_only():
@@ -133,8 +156,9 @@ def test_password_env_is_required_and_never_in_argv(monkeypatch):
 
 
 def test_accept_new_and_identity_file():
-    opts = remote.ssh_options(settings(ssh_strict_host_key_checking="accept-new", ssh_identity_file="/id"),
-                              KEY_SERVER, "/sock")
+    opts = remote.ssh_options(
+        settings(ssh_strict_host_key_checking="accept-new", ssh_identity_file="/id"), KEY_SERVER, "/sock"
+    )
     assert "StrictHostKeyChecking=accept-new" in opts and opts[opts.index("-i") + 1] == "/id"
 
 
@@ -151,8 +175,15 @@ def test_split_glob():
 
 
 def test_listing_script_runs_and_keeps_odd_names(tmp_path):
-    names = [b"plain.gz", b"with space.gz", b"-dash.gz", b"q'uo\"te.gz", b"$(touch pwned).gz",
-             b"new\nline.gz", b"latin-\xe9.gz"]
+    names = [
+        b"plain.gz",
+        b"with space.gz",
+        b"-dash.gz",
+        b"q'uo\"te.gz",
+        b"$(touch pwned).gz",
+        b"new\nline.gz",
+        b"latin-\xe9.gz",
+    ]
     for name in names:
         (tmp_path / os.fsdecode(name)).write_bytes(b"x")
     (tmp_path / "dir.gz").mkdir()
@@ -176,25 +207,27 @@ def test_exact_path_escaping_matches_only_itself(tmp_path):
 
 
 def test_missing_root_lists_nothing():
-    out = subprocess.run(["sh", "-c", remote.listing_script(["/nonexistent-dir/*.gz"])],
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", remote.listing_script(["/nonexistent-dir/*.gz"])], capture_output=True, check=True
+    ).stdout
     assert out == b""
 
 
-@pytest.mark.parametrize("code, stderr, tool, kind", [
-    (255, "user@h: Permission denied (publickey).", "ssh", AuthFailed),
-    (5, "", "sshpass", AuthFailed),
-    (12, "Permission denied, please try again.", "rsync", AuthFailed),
-    (255, "Host key verification failed.", "ssh", HostKeyMismatch),
-    (6, "", "sshpass", HostKeyMismatch),
-    (255, "ssh: connect to host h port 22: Connection refused", "ssh", RemoteUnreachable),
-    (12, "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]", "rsync",
-     RemoteUnreachable),
-    (30, "rsync error: timeout in data send/receive", "rsync", RemoteUnreachable),
-    (23, 'rsync: [sender] send_files failed to open "/x/a.gz": Permission denied (13)', "rsync",
-     RemoteFileMissing),
-    (23, 'rsync: link_stat "/x/a.gz" failed: No such file or directory (2)', "rsync", RemoteFileMissing),
-])
+@pytest.mark.parametrize(
+    "code, stderr, tool, kind",
+    [
+        (255, "user@h: Permission denied (publickey).", "ssh", AuthFailed),
+        (5, "", "sshpass", AuthFailed),
+        (12, "Permission denied, please try again.", "rsync", AuthFailed),
+        (255, "Host key verification failed.", "ssh", HostKeyMismatch),
+        (6, "", "sshpass", HostKeyMismatch),
+        (255, "ssh: connect to host h port 22: Connection refused", "ssh", RemoteUnreachable),
+        (12, "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]", "rsync", RemoteUnreachable),
+        (30, "rsync error: timeout in data send/receive", "rsync", RemoteUnreachable),
+        (23, 'rsync: [sender] send_files failed to open "/x/a.gz": Permission denied (13)', "rsync", RemoteFileMissing),
+        (23, 'rsync: link_stat "/x/a.gz" failed: No such file or directory (2)', "rsync", RemoteFileMissing),
+    ],
+)
 def test_classify_by_code_and_stderr(code, stderr, tool, kind):
     err = remote.classify(code, stderr, server="srv1", tool=tool)
     assert type(err) is kind
@@ -202,6 +235,7 @@ def test_classify_by_code_and_stderr(code, stderr, tool, kind):
 
 
 # --- retry ------------------------------------------------------------------------------------
+
 
 def test_backoff_is_full_jitter_exponential_and_capped():
     assert retry.backoff_delay(1, 2.0, 100, rng=lambda: 1.0) == 2.0
@@ -222,8 +256,10 @@ def test_retry_only_transient_faults():
             raise RemoteUnreachable("refused")
         return "ok"
 
-    assert retry.call_with_retry(flaky, attempts=3, base=1, cap=10, sleep=slept.append,
-                                 is_transient=lambda e: e.transient) == "ok"
+    assert (
+        retry.call_with_retry(flaky, attempts=3, base=1, cap=10, sleep=slept.append, is_transient=lambda e: e.transient)
+        == "ok"
+    )
     assert len(calls) == 3 and len(slept) == 2
 
     calls.clear()
@@ -233,18 +269,26 @@ def test_retry_only_transient_faults():
         raise AuthFailed("denied")
 
     with pytest.raises(AuthFailed):
-        retry.call_with_retry(denied, attempts=5, base=1, cap=10, sleep=slept.append,
-                              is_transient=lambda e: e.transient)
+        retry.call_with_retry(
+            denied, attempts=5, base=1, cap=10, sleep=slept.append, is_transient=lambda e: e.transient
+        )
     assert len(calls) == 1
 
     calls.clear()
     with pytest.raises(RemoteUnreachable):
-        retry.call_with_retry(lambda: (calls.append(1), (_ for _ in ()).throw(RemoteUnreachable("x"))),
-                              attempts=4, base=0, cap=0, sleep=lambda s: None, is_transient=lambda e: e.transient)
+        retry.call_with_retry(
+            lambda: (calls.append(1), (_ for _ in ()).throw(RemoteUnreachable("x"))),
+            attempts=4,
+            base=0,
+            cap=0,
+            sleep=lambda s: None,
+            is_transient=lambda e: e.transient,
+        )
     assert len(calls) == 4
 
 
 # --- codec ------------------------------------------------------------------------------------
+
 
 def extract(tmp_path, blob, **kw):
     src = tmp_path / "in.gz"
@@ -270,14 +314,17 @@ def test_large_output_streams_in_bounded_pieces(tmp_path, monkeypatch):
     assert out.read_bytes() == data and result.size == len(data)
 
 
-@pytest.mark.parametrize("blob", [
-    gzip.compress(b"x" * 10000)[:-4],  # length missing
-    gzip.compress(b"x" * 10000)[:20],  # truncated deflate
-    gzip.compress(b"hello world")[:-8] + b"\x00\x00\x00\x00\x0b\x00\x00\x00",  # bad CRC
-    gzip.compress(b"hello world") + b"garbage after the member",
-    b"",
-    b"BZh91AY&SY not gzip",
-])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        gzip.compress(b"x" * 10000)[:-4],  # length missing
+        gzip.compress(b"x" * 10000)[:20],  # truncated deflate
+        gzip.compress(b"hello world")[:-8] + b"\x00\x00\x00\x00\x0b\x00\x00\x00",  # bad CRC
+        gzip.compress(b"hello world") + b"garbage after the member",
+        b"",
+        b"BZh91AY&SY not gzip",
+    ],
+)
 def test_corrupt_input_raises_and_leaves_no_file(tmp_path, blob):
     with pytest.raises(CorruptArchive):
         extract(tmp_path, blob)
@@ -346,5 +393,3 @@ def test_rsync_names_are_decoded_back_to_their_bytes():
     assert remote.decode_rsync_name("latin1-\\#351.gz\n") == os.fsdecode(b"latin1-\xe9.gz")
     assert remote.decode_rsync_name("new\\#012line.gz\n") == "new\nline.gz"
     assert remote.decode_rsync_name("back\\slash.gz\n") == "back\\slash.gz"
-
-
