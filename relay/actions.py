@@ -87,9 +87,18 @@ def _as_drop(run, rec):
     )
 
 
+# Compressed size from which a file is extracted on the run's pool: such work is in C (isal, hashing,
+# I/O) and uses every core. A smaller file's work is half Python: a second thread would only contend
+# for the interpreter lock, so those are done by the calling thread, one after the other.
+LARGE_BYTES = 256 * 2**10
+
+
 def _extract_all(run, records):
-    """Extract `records` on the run's workers; re-raise the first error a job raised."""
-    futures = [run.pool.submit(engine.extract_file, run, rec) for rec in records]
+    """Extract `records`: large ones on the run's pool, small ones here; re-raise the first error."""
+    futures = [run.pool.submit(engine.extract_file, run, rec) for rec in records if rec.size >= LARGE_BYTES]
+    for rec in records:
+        if rec.size < LARGE_BYTES:
+            engine.extract_file(run, rec)
     for future in concurrent.futures.as_completed(futures):
         future.result()
 

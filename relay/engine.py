@@ -104,8 +104,9 @@ def list_server(run, server_name):
             )
         ledger.change(rec, status=SUPERSEDED)
     for rec in plan.due:
-        ledger.change(rec)  # recorded as due: `doit list` shows it, `doit run extract:S/FILE` finds it
-    ledger.flush()
+        # Recorded as due with the run's next batch (at the latest when it ends): `doit list` then shows
+        # it, `doit run extract:S/FILE` finds it.
+        ledger.change(rec)
     run.plans[server_name] = plan
     return plan
 
@@ -122,7 +123,8 @@ def fetch_server(run, server_name, records=None):
     records = _renames(run, server_name, records, plan.probes if plan else {})
     if records:
         fetching.fetch_batch(run, server_name, records, parking.park)
-    run.ledger.flush()
+    # No flush of its own: the copies are recorded with the next batch (the planner recognises a copy
+    # in incoming/ by name, size and mtime should the run die first).
     return True
 
 
@@ -182,7 +184,7 @@ def extract_file(run, rec):
 def _extract(run, rec):
     settings = run.settings
     src = incoming_path(settings.data_root, rec)
-    tmp = os.path.join(run.layout.extract_tmp(rec.server), f"{rec.key}.part")
+    tmp = f"{run.layout.extract_tmp(rec.server)}/{rec.key}.part"
     expect = (rec.size, int(float(rec.mtime)) if rec.origin == "remote" else None)
     started = time.monotonic()
 
@@ -267,12 +269,12 @@ def _place(run, rec, tmp, result, started):
 
     def choose(taken):
         def name_taken(name):
-            out = os.path.join(extracted_dir, codecs.output_name(name, result.format))
-            return taken(os.path.join(processed_dir, name)) or (owner is None and taken(out))
+            out = f"{extracted_dir}/{codecs.output_name(name, result.format)}"
+            return taken(f"{processed_dir}/{name}") or (owner is None and taken(out))
 
         name = filed_name(parking.filing_name(rec), result.sha256, name_taken)
-        source = "" if run.settings.delete_source else os.path.join(processed_dir, name)
-        return [source, "" if owner else os.path.join(extracted_dir, codecs.output_name(name, result.format))]
+        source = "" if run.settings.delete_source else f"{processed_dir}/{name}"
+        return [source, "" if owner else f"{extracted_dir}/{codecs.output_name(name, result.format)}"]
 
     source, target = ledger.reserve(rec, choose)
     if owner is not None:

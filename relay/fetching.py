@@ -2,6 +2,7 @@
 moved into incoming/ as rsync reports it done (never over a file already there)."""
 
 import collections
+import itertools
 import os
 import shutil
 import stat
@@ -76,7 +77,7 @@ class _Batch:
         rec = self.waiting.get(name)
         if rec is None:
             return
-        staged = os.path.join(self.staging, name)
+        staged = f"{self.staging}/{name}"
         try:
             if not reported and not stat.S_ISREG(os.lstat(staged).st_mode):
                 return  # a name that became a directory on the server: left, and handled as missing
@@ -92,9 +93,10 @@ class _Batch:
     def _link(self, staged, rec):
         # A hard link never replaces what is there (a hand drop that arrived since the plan).
         base = os.path.basename(rec.remote_path)
-        for name in (rec.local_name, f"{base}~{rec.key[:8]}", *(f"{base}~{rec.key[:8]}.{n}" for n in range(1, 100))):
+        others = (f"{base}~{rec.key[:8]}" + (f".{n}" if n else "") for n in range(100))  # made only if needed
+        for name in itertools.chain([rec.local_name], others):
             try:
-                os.link(staged, os.path.join(self.incoming, name))
+                os.link(staged, f"{self.incoming}/{name}")
             except FileExistsError:
                 continue
             rec.local_name = name

@@ -25,33 +25,36 @@ def scan_incoming(directory):
 class Layout:
     """Paths of the data tree for one configuration."""
 
+    # Paths are joined with f-strings, not os.path.join: they are asked for several times a file, and
+    # the roots are validated absolute paths while server names and file names hold no "/".
+
     def __init__(self, settings):
-        self.root = settings.data_root
-        self.tmp = settings.tmp_dir
+        self.root = settings.data_root.rstrip("/") or "/"
+        self.tmp = settings.tmp_dir.rstrip("/") or "/"
 
     def incoming(self, server):
         """Fetched or dropped files waiting for extraction."""
-        return os.path.join(self.root, "incoming", server)
+        return f"{self.root}/incoming/{server}"
 
     def extracted(self, server):
         """Extracted output."""
-        return os.path.join(self.root, "extracted", server)
+        return f"{self.root}/extracted/{server}"
 
     def processed(self, server):
         """Sources kept after extraction."""
-        return os.path.join(self.root, "processed", server)
+        return f"{self.root}/processed/{server}"
 
     def error(self, kind, server):
         """Parked files of one error kind."""
-        return os.path.join(self.root, "error", kind, server)
+        return f"{self.root}/error/{kind}/{server}"
 
     def fetch_area(self, server):
         """Where each rsync batch of `server` gets a private landing directory of its own."""
-        return os.path.join(self.tmp, "fetch", server)
+        return f"{self.tmp}/fetch/{server}"
 
     def extract_tmp(self, server):
         """Where extraction output is written before it is renamed into extracted/."""
-        return os.path.join(self.tmp, "extract", server)
+        return f"{self.tmp}/extract/{server}"
 
     def make_tree(self, servers):
         """Create every directory of the data tree for `servers`."""

@@ -30,6 +30,7 @@ class Ledger:
         self._contents = {}  # (server, sha256) -> key claimed in this run
         self._paths = {}  # (server, path) -> key claimed in this run
         self._working = set()  # keys a thread is working on
+        self._loaded = set()  # servers whose content and path owners were read from the store
         self._bytes = 0
         self._last_flush = time.monotonic()
 
@@ -84,25 +85,34 @@ class Ledger:
         with self._lock:
             self._idle.wait_for(lambda: not self._working, timeout)
 
+    def _known(self, server):
+        """The server's content and path owners, read from the store once (then kept up to date here)."""
+        if server not in self._loaded:
+            self._loaded.add(server)
+            for sha256, key in self.store.contents(server):
+                self._contents.setdefault((server, sha256), key)
+            for path, key in self.store.owners(server):
+                self._paths.setdefault((server, path), key)
+
     def claim_content(self, rec, sha256):
         """Claim content `sha256` of `rec`'s server for it; return the key that owns it already, or None."""
         with self._lock:
-            owner = self._contents.get((rec.server, sha256)) or self.store.content_owner(rec.server, sha256)
-            if owner is not None and owner != rec.key:
-                return owner
-            self._contents[(rec.server, sha256)] = rec.key
-            return None
+            self._known(rec.server)
+            owner = self._contents.setdefault((rec.server, sha256), rec.key)
+            return owner if owner != rec.key else None
 
     def content_owner(self, server, sha256):
         """The key owning content `sha256` of `server`, in this run or before, or None."""
         with self._lock:
-            return self._contents.get((server, sha256)) or self.store.content_owner(server, sha256)
+            self._known(server)
+            return self._contents.get((server, sha256))
 
     def path_taken(self, rec, path):
         """Whether another record owns `path` (in this run or before)."""
         # A file nobody owns there is what a run killed before its transaction left: ours to replace.
         with self._lock:
-            owner = self._paths.get((rec.server, path)) or self.store.path_owner(rec.server, path)
+            self._known(rec.server)
+            owner = self._paths.get((rec.server, path))
             return owner is not None and owner != rec.key
 
     def reserve(self, rec, choose):
@@ -182,7 +192,7 @@ class Ledger:
 
 def incoming_path(data_root, rec):
     """Where the copy of `rec` waits in incoming/."""
-    return os.path.join(data_root, "incoming", rec.server, rec.local_name)
+    return f"{data_root.rstrip('/')}/incoming/{rec.server}/{rec.local_name}"  # asked for several times a file
 
 
 def move_source(rec, target, data_root):

@@ -179,6 +179,16 @@ class Store:
         rows = self._rows("SELECT key FROM owners WHERE server = ? AND path = ?", (server, _blob(path)))
         return rows[0][0] if rows else None
 
+    def contents(self, server):
+        """(sha256, key) of every content `server` has processed."""
+        return self._rows("SELECT sha256, key FROM contents WHERE server = ?", (server,))
+
+    def owners(self, server):
+        """(path, key) of every path under the data tree a record of `server` owns."""
+        return [
+            (_text(path), key) for path, key in self._rows("SELECT path, key FROM owners WHERE server = ?", (server,))
+        ]
+
     def all_records(self, server=None):
         """Every record (of `server`), for tests and inspection."""
         where, args = ("WHERE server = ?", (server,)) if server else ("", ())
