@@ -115,7 +115,8 @@ class _OpenChecked:
         return self.fd, st.st_size
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _inflate_stream(src_fd, size, name, sink):

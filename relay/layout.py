@@ -8,7 +8,8 @@ from .records import ERROR_KINDS
 
 def scan_incoming(directory):
     """(Local of each regular file, names of everything else) in an incoming/<server>/ directory."""
-    files, others = [], []
+    files: list[Local] = []
+    others: list[str] = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:

@@ -66,14 +66,14 @@ class _LogFile(logging.handlers.WatchedFileHandler):
         self._reset_queue()
 
     def _reset_queue(self):
-        self._queue = collections.deque()
+        self._queue: collections.deque = collections.deque()
         self._queued = threading.Event()  # lines wait for the writer
         self._stopped = threading.Event()  # shutdown: no writer, every line is written when logged
         self._writer = None
 
     def _at_fork_reinit(self):
         # logging calls this in a forked child: no writer thread came along, the queued lines are the parent's.
-        super()._at_fork_reinit()
+        super()._at_fork_reinit()  # type: ignore[misc]  # logging's own hook, not in the stubs
         self._reset_queue()
 
     def handle(self, record):
@@ -97,10 +97,15 @@ class _LogFile(logging.handlers.WatchedFileHandler):
             self._queued.set()
 
     def _start_writer(self):
-        with self.lock:
+        with self._held():
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_behind, name="logpipe-relay log writer", daemon=True)
                 self._writer.start()
+
+    def _held(self):
+        """The handler's lock (made by logging.Handler.createLock, so never None here)."""
+        assert self.lock is not None
+        return self.lock
 
     def _write_behind(self):
         stopped = self._stopped
@@ -113,7 +118,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     def flush(self):
         """Write every queued line: one rotation check, one write and one flush for all of them."""
         queue = self._queue
-        with self.lock:
+        with self._held():
             if not queue:
                 return
             batch = [queue.popleft() for _ in range(len(queue))]
@@ -162,7 +167,7 @@ def note(logger, level, message, fields):
     the queue of a logger `setup` made, without a LogRecord and the handler chain (a run logs one
     line a file: they cost more than a small file's own Python)."""
     log_file = getattr(logger, "_relay_file", None)
-    if level >= logging.WARNING or log_file not in logger.handlers:
+    if level >= logging.WARNING or log_file is None or log_file not in logger.handlers:
         logger.log(level, message, extra=fields)
     elif logger.isEnabledFor(level):
         log_file.handle(_Line(level, message, fields))
@@ -197,8 +202,9 @@ def setup(log_dir, log_format="json", level="INFO"):
     logger.addHandler(console)
     logger.setLevel(level)
     logger.propagate = False
-    logger._relay_configured = (log_dir, log_format, level)
-    logger._relay_file = file_handler
+    # Kept on the logger, not in module variables: the logging module owns that state already.
+    logger._relay_configured = log_dir, log_format, level  # type: ignore[attr-defined]
+    logger._relay_file = file_handler  # type: ignore[attr-defined]
     # A normal exit writes what is still queued; the engine calls shutdown() itself on SIGTERM.
     atexit.unregister(shutdown)
     atexit.register(shutdown)

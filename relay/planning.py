@@ -64,7 +64,7 @@ class _Planner:
         self.names = set()  # local names given to due remote records
         self.now = now
         self.min_age = min_age
-        self.processed_by_size = {}
+        self.processed_by_size: dict[int, list] = {}
         for k in known.values():
             if k.status == PROCESSED and k.sha256:
                 self.processed_by_size.setdefault(k.size, []).append(k)

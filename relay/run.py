@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 from . import durable, logs
 from .errors import ConfigError, LockHeld, RunInterrupted, StateCorrupt, StateWriteError
@@ -44,7 +45,11 @@ class Run:
         self._start_lock = threading.Lock()
         self._lock_fd = None
         self.started_at = None
-        self.store = self.ledger = self.pool = self.children = None
+        # Made by start(); Any-typed until then (every use comes after it).
+        self.store: Any = None
+        self.ledger: Any = None
+        self.pool: Any = None
+        self.children: Any = None
         self.connections = {}
         self._server_slots = {}
 

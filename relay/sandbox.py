@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from typing import Any
 
 SANDBOX_USER = "logpipe-test"
 _PASSWORD_FILE = "/var/lib/logpipe-relay-sandbox/password"
@@ -66,7 +67,7 @@ class SshServer:
         self.address = address
         self.auth = auth
         self.port = None
-        self.proc = None
+        self.proc: Any = None
         self.remote_dir = os.path.join(root, "remote")
         self.host_key = os.path.join(root, "host_key")
 
@@ -111,7 +112,7 @@ class SshServer:
             stdout=subprocess.DEVNULL,
         )
         lines = []
-        for raw in self.proc.stderr:
+        for raw in self.proc.stderr or ():
             line = raw.decode(errors="replace")
             lines.append(line)
             if "Server listening on" in line:
@@ -146,7 +147,7 @@ class SshServer:
 
 
 def _descendants(pid):
-    children = {}
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -178,7 +179,7 @@ class Sandbox:
         self.count = count
         self.password_servers = password_servers
         self.servers = []
-        self.password = None
+        self.password: Any = None
 
     def start(self):
         """Start every server; returns self."""

@@ -82,7 +82,7 @@ class Store:
         self.path = os.path.join(state_dir, DB_NAME)
         self.readonly = readonly
         self._lock = threading.RLock()
-        self._db = None
+        self._db: sqlite3.Connection | None = None
         if readonly and not os.path.exists(self.path):
             return  # nothing recorded yet: every read answers empty
         try:
@@ -227,17 +227,21 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from None
 
+    def _writable(self):
+        if self._db is None:  # a read-only store of a state that does not exist yet
+            raise StateWriteError(f"{self.path}: not opened for writing")
+        return self._db
+
     def _transaction(self, rows, contents, owners):
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._writable()
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-            self._db.executemany("INSERT OR IGNORE INTO contents VALUES (?,?,?)", list(contents))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO owners VALUES (?,?,?)", [(s, _blob(p), k) for s, p, k in owners]
-            )
-            self._db.execute("COMMIT")
+            db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany("INSERT OR IGNORE INTO contents VALUES (?,?,?)", list(contents))
+            db.executemany("INSERT OR REPLACE INTO owners VALUES (?,?,?)", [(s, _blob(p), k) for s, p, k in owners])
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
 
     def meta(self, name):
@@ -247,14 +251,14 @@ class Store:
 
     def set_meta(self, name, value):
         """Set a value of the meta table."""
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+        self._writable().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def import_legacy(self, state_dir):
         """Import STATE_DIR/records/ (the JSON files of earlier versions) once; return how many records."""
         root = os.path.join(state_dir, "records")
         if self.meta("legacy_imported") or not os.path.isdir(root):
             return 0
-        latest = {}
+        latest: dict[str, dict] = {}
         for server in sorted(os.listdir(root)):
             for item in _legacy_items(os.path.join(root, server)):
                 old = latest.get(item["key"])

@@ -181,7 +181,7 @@ def recover_tasks(run, known):
     """`recover:<kind>/<server>`: retries that server's files parked in error/<kind> when doit does not
     remember running it (`doit forget -s recover:<selector> && doit run`); `recover:<server>`,
     `recover:<kind>` and `recover:all` group them."""
-    groups = {"all": []}
+    groups: dict[str, list[str]] = {"all": []}
     for server in run.settings.enabled_servers:
         parked = [rec for _, rec in known.records.get(server.name, ()) if rec.status == ERROR]
         for kind in ERROR_KINDS:
