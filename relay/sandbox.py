@@ -61,7 +61,7 @@ def _open_up(path):
 class SshServer:
     """One sshd on 127.0.0.N serving `remote_dir` to the sandbox user."""
 
-    def __init__(self, root, name, address, auth):
+    def __init__(self, root, name, address, auth, extra_config=()):
         self.root = root
         self.name = name
         self.address = address
@@ -70,6 +70,7 @@ class SshServer:
         self.proc: Any = None
         self.remote_dir = os.path.join(root, "remote")
         self.host_key = os.path.join(root, "host_key")
+        self.extra_config = list(extra_config)  # more sshd_config lines (tests: e.g. SetEnv PATH=…)
 
     def start(self, authorized_keys):
         """Write the config, start sshd and wait until it says it listens."""
@@ -101,6 +102,7 @@ class SshServer:
                         "PrintMotd no",
                         "UseDNS no",
                         "Subsystem sftp internal-sftp",
+                        *self.extra_config,
                         "",
                     ]
                 )

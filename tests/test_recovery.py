@@ -1,9 +1,12 @@
 """Recovery and crash cases found in review: nothing lost, nothing doubled."""
 
 import gzip
+import json
 import os
 import random
+import shutil
 import signal
+from pathlib import Path
 
 from conftest import needs_root
 
@@ -74,3 +77,45 @@ def test_a_new_version_under_a_taken_incoming_name_is_named_after_its_content(en
     assert len(names) == 2 and all(
         n.startswith("app.log.1") and "~" not in n and not n.endswith(".out") for n in names
     ), names
+
+
+def test_without_sha256sum_on_the_server_renames_are_fetched_and_compared_here(env, tmp_path):
+    tools = tmp_path / "bin"  # the server's PATH: what the listing and rsync need, no sha256sum
+    tools.mkdir()
+    for tool in ("sh", "find", "xargs", "rsync", "cat"):
+        os.symlink(shutil.which(tool), tools / tool)
+    server = sb.SshServer(str(tmp_path / "bare"), "srv1", "127.0.0.14", "key", extra_config=[f"SetEnv PATH={tools}"])
+    server.start(os.path.join(env.box.root, "authorized_keys"))
+    try:
+        remote = Path(server.remote_dir)
+        os.chmod(tmp_path, 0o755)
+        os.chmod(remote, 0o755)
+        known = tmp_path / "known_hosts"
+        known.write_text(server.known_hosts_line())
+        env.configure(
+            env={"SSH_KNOWN_HOSTS": str(known)},
+            servers=[
+                {"host": server.address, "port": server.port, "remote_path": str(remote / "*.gz")},
+                {"enabled": False},
+                {"enabled": False},
+            ],
+        )
+        written = []
+        for n in (3, 2, 1):
+            data = sb.log_lines(random.Random(f"bare{n}"), 200)
+            sb.write_gz(str(remote / f"app.log.{n}.gz"), data, mtime=1_700_000_000 + 86400 * (3 - n))
+            written.append(data)
+        env.doit("run", "extract:srv1", check=0)
+        for n in (3, 2, 1):  # a numbered rotation
+            os.rename(remote / f"app.log.{n}.gz", remote / f"app.log.{n + 1}.gz")
+        new = sb.log_lines(random.Random("bare-new"), 200)
+        sb.write_gz(str(remote / "app.log.1.gz"), new, mtime=1_700_000_000 + 86400 * 3)
+        env.doit("run", "extract:srv1", check=0)
+        lines = extracted_lines(env)
+        assert sorted(lines) == sorted(b"".join(written + [new]).splitlines()), "a line lost or doubled"
+        log = (env.work / "logs" / "logpipe-relay.log").read_text()
+        assert "the server has no sha256sum" in log
+        fetched = [json.loads(line)["message"] for line in log.splitlines() if '"fetched ' in line]
+        assert fetched == ["fetched 3 file(s)", "fetched 4 file(s)"]  # the renamed ones too, then compared
+    finally:
+        server.stop()
