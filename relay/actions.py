@@ -9,7 +9,8 @@ from doit.exceptions import TaskFailed
 
 from . import engine, logs, parking
 from .errors import RelayError
-from .records import COPIED, ERROR, PENDING, PROCESSED, SUPERSEDED, Record, label, version_key
+from .planning import drop_record
+from .records import COPIED, ERROR, PENDING, PROCESSED, SUPERSEDED, label
 
 RECOVER_HINT = {
     "copy": "check the path and permissions on the server",
@@ -73,18 +74,7 @@ def extract_action(run, server):
 def _as_drop(run, rec):
     """A file in incoming/ that has a processed file's name and version but not its bytes."""
     local = next((f for f in engine.scan_incoming(run, rec.server) if f.name == rec.local_name), None)
-    if local is None:  # gone since the plan: nothing to take
-        return None
-    key = version_key(rec.server, "local", local.name, local.size, local.mtime)
-    return Record(
-        key=key,
-        server=rec.server,
-        origin="local",
-        local_name=local.name,
-        size=local.size,
-        mtime=local.mtime,
-        status=COPIED,
-    )
+    return drop_record(rec.server, local) if local is not None else None  # None: gone since the plan
 
 
 # Compressed size from which a file is extracted on the run's pool: such work is in C (isal, hashing,

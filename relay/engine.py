@@ -5,19 +5,13 @@ import fnmatch
 import os
 import time
 
-from . import codecs, durable, fetching, layout, logs, parking
+from . import codecs, durable, fetching, layout, parking
 from .errors import ArchiveError, CorruptArchive, DiskFull, RemoteError, SourceChanged, SourceGone
 from .faults import crashpoint
 from .ledger import incoming_path, move_source
 from .planning import filed_name, plan_server
-from .records import COPIED, ERROR, EXTRACTED, PENDING, PROCESSED, SUPERSEDED, label
+from .records import COPIED, ERROR, EXTRACTED, PENDING, PROCESSED, SUPERSEDED, label, whole_seconds
 from .retry import call_with_retry
-
-
-def emit(run, level, message, rec=None, **fields):
-    """Log one structured event (about `rec`, if given)."""
-    logs.about(run.log, level, message, rec, **fields)
-
 
 # --- list and plan ---------------------------------------------------------------------------
 
@@ -26,7 +20,7 @@ def scan_incoming(run, server):
     """The regular files in incoming/<server>/ (other kinds are said and left alone)."""
     files, others = layout.scan_incoming(run.layout.incoming(server))
     for name in others if run.take_drops else ():
-        emit(run, 30, f"skipped {label(name)} in incoming/: not a regular file", server=server, operation="list")
+        run.emit(30, f"skipped {label(name)} in incoming/: not a regular file", server=server, operation="list")
     return files
 
 
@@ -46,10 +40,9 @@ def _listing(run, server):
         )
     except RemoteError as exc:
         run.problems.setdefault(server.name, []).append(f"listing failed: {exc}")
-        emit(run, 40, f"listing failed: {exc}", server=server.name, operation="list", error=str(exc))
+        run.emit(40, f"listing failed: {exc}", server=server.name, operation="list", error=str(exc))
         return None
-    emit(
-        run,
+    run.emit(
         20,
         f"listed {len(entries)} path(s)",
         server=server.name,
@@ -58,8 +51,7 @@ def _listing(run, server):
     )
     for pattern in server.remote_paths:
         if not any(fnmatch.fnmatchcase(e.path, pattern.rstrip("/")) for e in entries):
-            emit(
-                run,
+            run.emit(
                 30,
                 f"remote_path {pattern} matched nothing (no such directory, or no file yet)",
                 server=server.name,
@@ -91,11 +83,10 @@ def list_server(run, server_name):
     plan.due = [r for r in ledger.adopt(plan.due) if r.status in (PENDING, COPIED, EXTRACTED)]
     plan.parked = ledger.adopt(plan.parked)
     for skip in plan.skipped:
-        emit(run, 20, f"skipped {label(skip.path)}: {skip.reason}", server=server_name, operation="list")
+        run.emit(20, f"skipped {label(skip.path)}: {skip.reason}", server=server_name, operation="list")
     for rec in ledger.adopt(plan.superseded):
         if rec.status == ERROR:
-            emit(
-                run,
+            run.emit(
                 20,
                 f"parked version superseded: the server now has another version of the file (it is "
                 f"planned as such); {label(rec.source_path)} is left for you to delete",
@@ -137,11 +128,10 @@ def _renames(run, server_name, records, probes):
     try:
         hashes = run.connections[server_name].remote_sha256([r.remote_path for r in candidates])
     except RemoteError as exc:
-        emit(run, 30, f"could not hash on the server ({exc}); fetching instead", server=server_name, operation="verify")
+        run.emit(30, f"could not hash on the server ({exc}); fetching instead", server=server_name, operation="verify")
         return records
     if hashes is None:
-        emit(
-            run,
+        run.emit(
             20,
             "the server has no sha256sum: possible renames are fetched and compared here",
             server=server_name,
@@ -154,8 +144,7 @@ def _renames(run, server_name, records, probes):
         owner = run.ledger.content_owner(server_name, sha) if sha else None
         if owner is not None:
             run.ledger.change(rec, status=PROCESSED, sha256=sha, duplicate_of=owner, source_path="", local_name="")
-            emit(
-                run,
+            run.emit(
                 20,
                 f"renamed copy of already processed content ({owner}); not transferred",
                 rec,
@@ -185,7 +174,7 @@ def _extract(run, rec):
     settings = run.settings
     src = incoming_path(settings.data_root, rec)
     tmp = f"{run.layout.extract_tmp(rec.server)}/{rec.key}.part"
-    expect = (rec.size, int(float(rec.mtime)) if rec.origin == "remote" else None)
+    expect = (rec.size, whole_seconds(rec.mtime) if rec.origin == "remote" else None)
     started = time.monotonic()
 
     def once():
@@ -211,8 +200,7 @@ def _extract(run, rec):
         if rec.origin == "remote" and _still_changing(run, rec):
             durable.unlink_durably(src)
             run.ledger.change(rec, status=SUPERSEDED)
-            emit(
-                run,
+            run.emit(
                 30,
                 "truncated and still changing on the server; its final version is fetched once stable",
                 rec,
@@ -232,8 +220,7 @@ def _extract(run, rec):
 def _source_moved(run, rec, src, exc):
     if isinstance(exc, SourceGone):
         run.ledger.change(rec, status=PENDING if rec.origin == "remote" else SUPERSEDED)
-        emit(
-            run,
+        run.emit(
             30,
             "its copy left incoming/ before it was extracted; a remote file is fetched again",
             rec,
@@ -243,8 +230,7 @@ def _source_moved(run, rec, src, exc):
     if rec.origin == "remote":
         durable.unlink_durably(src)
     run.ledger.change(rec, status=SUPERSEDED)  # another version of the file: planned as such next run
-    emit(
-        run,
+    run.emit(
         30,
         f"changed during the run (listed {rec.size} bytes, got {exc.size}); its new version is processed once stable",
         rec,
@@ -280,11 +266,10 @@ def _place(run, rec, tmp, result, started):
     if owner is not None:
         os.unlink(tmp)
         due = ledger.change(rec, status=EXTRACTED, duplicate_of=owner, source_path=source)
-        emit(run, 20, f"duplicate of already processed content ({owner}); not extracted again", rec, operation="verify")
+        run.emit(20, f"duplicate of already processed content ({owner}); not extracted again", rec, operation="verify")
     else:
         if rec.origin == "local" and os.path.basename(target) != codecs.output_name(rec.local_name, result.format):
-            emit(
-                run,
+            run.emit(
                 30,
                 "a file dropped in incoming/ has the name of another file; extracted as "
                 f"{label(os.path.basename(target))}",
@@ -302,8 +287,7 @@ def _place(run, rec, tmp, result, started):
             extracted_sha256=result.out_sha256,
             source_path=source,
         )
-        emit(
-            run,
+        run.emit(
             20,
             "extracted",
             rec,
@@ -325,5 +309,5 @@ def finish_source(run, rec):
         return True
     if same:
         move_source(rec, rec.source_path, run.settings.data_root)
-        emit(run, 20, "source filed (the run that processed it stopped first)", rec, operation="place")
+        run.emit(20, "source filed (the run that processed it stopped first)", rec, operation="place")
     return same

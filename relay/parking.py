@@ -10,11 +10,6 @@ from .planning import filed_name
 from .records import COPIED, ERROR, PENDING, label
 
 
-def emit(run, level, message, rec, **fields):
-    """Log one structured event about `rec`."""
-    logs.about(run.log, level, message, rec, **fields)
-
-
 def park(run, rec, kind, error):
     """Record a failed file parked in error/<kind>/<server>/, then move it there (or write why there).
 
@@ -45,7 +40,7 @@ def park(run, rec, kind, error):
                 {"server": rec.server, "file": label(rec.name), "error": logs.printable(message), "run_id": run.run_id}
             ),
         )
-    emit(run, 40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
+    run.emit(40, f"parked in error/{kind}: {message}", rec, operation="park", error=message)
 
 
 def filing_name(rec):
@@ -68,7 +63,7 @@ def unpark(run, rec):
             kept = rec.source_path  # the only copy if the server no longer has the file
     elif os.path.exists(rec.source_path) and not os.path.exists(src):
         durable.move_durably(rec.source_path, src)
-    emit(run, 20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
+    run.emit(20, f"recovering from error/{rec.error_kind}", rec, operation="recover")
     run.ledger.change(rec, status=status, error_kind="", last_error="", source_path="", attempts=attempts)
     return kept
 
@@ -84,8 +79,7 @@ def settle_kept_copy(run, rec, kept):
     if not os.path.exists(src):
         durable.move_durably(kept, src)
         run.ledger.change(rec, status=COPIED)
-        emit(
-            run,
+        run.emit(
             30,
             "the server no longer has this version: its quarantined copy is extracted again",
             rec,

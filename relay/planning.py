@@ -176,24 +176,27 @@ class _Planner:
                 self.drop(local)
 
     def drop(self, local):
-        key = version_key(self.plan.server, "local", local.name, local.size, local.mtime)
-        known = self.known.get(key)
+        rec = drop_record(self.plan.server, local)
+        known = self.known.get(rec.key)
         if known is not None and known.status == ERROR:
             return  # parked already (listed among the unfinished)
         if self.young(local.mtime):
             self.plan.skipped.append(Skip(local.name, "younger than min_file_age_seconds"))
             return
-        self.plan.due.append(
-            Record(
-                key=key,
-                server=self.plan.server,
-                origin="local",
-                local_name=local.name,
-                size=local.size,
-                mtime=local.mtime,
-                status=COPIED,
-            )
-        )
+        self.plan.due.append(rec)
+
+
+def drop_record(server, local):
+    """The Record of a file dropped by hand into incoming/ (a Local), ready to extract."""
+    return Record(
+        key=version_key(server, "local", local.name, local.size, local.mtime),
+        server=server,
+        origin="local",
+        local_name=local.name,
+        size=local.size,
+        mtime=local.mtime,
+        status=COPIED,
+    )
 
 
 def plan_server(server, *, entries, incoming, known, unfinished, processed_named, now, min_age, take_drops=True):

@@ -13,9 +13,6 @@ PENDING, COPIED, EXTRACTED, PROCESSED, ERROR, SUPERSEDED = (
     "error",
     "superseded",
 )
-# Kept for the user's vocabulary (README): a file between hashing and extraction is `verified`.
-VERIFIED = "verified"
-STATUSES = (PENDING, COPIED, VERIFIED, EXTRACTED, PROCESSED, ERROR, SUPERSEDED)
 
 # The stage that failed decides where a parked file waits and which stage a recovery resumes.
 ERROR_KINDS = ("copy", "extract", "quarantine")

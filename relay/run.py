@@ -118,6 +118,10 @@ class Run:
         os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
         self._lock_fd = fd
 
+    def emit(self, level, message, rec=None, **fields):
+        """Log one structured event of the run (about record `rec`, if given)."""
+        logs.about(self.log, level, message, rec, **fields)
+
     def slot(self, server):
         """The per-server cap on files worked on at once."""
         return self._server_slots[server]
@@ -253,13 +257,14 @@ def sweep_unowned(run):
     there, one could double lines once its content is recorded under another name (a rename)."""
     removed = 0
     for server in run.settings.enabled_servers:
+        owned = {path for path, _ in run.store.owners(server.name)}  # one query, not one a file
         for directory in (run.layout.extracted(server.name), run.layout.processed(server.name)):
             try:
                 entries = list(os.scandir(directory))
             except FileNotFoundError:
                 continue
             for entry in entries:
-                if entry.is_file(follow_symlinks=False) and run.store.path_owner(server.name, entry.path) is None:
+                if entry.is_file(follow_symlinks=False) and entry.path not in owned:
                     removed += _unlink(entry.path)
     if removed:
         run.log.info(

@@ -80,7 +80,6 @@ class Store:
 
     def __init__(self, state_dir, readonly=False):
         self.path = os.path.join(state_dir, DB_NAME)
-        self.readonly = readonly
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         if readonly and not os.path.exists(self.path):

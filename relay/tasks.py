@@ -10,7 +10,8 @@ from . import actions
 from .config import load_settings
 from .errors import ConfigError, StateCorrupt
 from .layout import scan_incoming
-from .records import COPIED, ERROR, ERROR_KINDS, Record, label, version_key
+from .planning import drop_record
+from .records import ERROR, ERROR_KINDS, label
 from .run import Run, install_signals
 from .store import Store
 
@@ -92,19 +93,7 @@ class Known:
 def _drops(run, server, named):
     """Records for the files in incoming/<server>/ that `named` does not cover (not stored)."""
     files, _ = scan_incoming(run.layout.incoming(server))
-    return [
-        Record(
-            key=version_key(server, "local", f.name, f.size, f.mtime),
-            server=server,
-            origin="local",
-            local_name=f.name,
-            size=f.size,
-            mtime=f.mtime,
-            status=COPIED,
-        )
-        for f in files
-        if f.name not in named
-    ]
+    return [drop_record(server, f) for f in files if f.name not in named]
 
 
 def _labelled(records):
