@@ -60,7 +60,6 @@ class Inflated(NamedTuple):
     sha256: str  # of the compressed bytes
     format: str
     size: int  # of the extracted bytes
-    out_sha256: str
 
 
 def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
@@ -70,7 +69,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
     missing `src` raises SourceGone. The check is on the open file, so it is the file that is read.
 
     Every gzip member is inflated, CRC and length checked by zlib; output comes in pieces of at most
-    CHUNK bytes, so a bomb never sits in memory. Returns Inflated(sha256, format, size, out_sha256);
+    CHUNK bytes, so a bomb never sits in memory. Returns Inflated(sha256, format, size);
     on any failure no `dst_tmp` is left behind.
     """
     directory = os.path.dirname(dst_tmp)
@@ -89,7 +88,7 @@ def inflate(src, dst_tmp, *, max_bytes, min_free, expect=None):
     except BaseException as exc:
         durable.unlink_quietly(dst_tmp)  # whatever failed, no partial output stays
         raise _as_archive_error(exc, name, directory) from None
-    return Inflated(in_sha.hexdigest(), fmt, sink.written, sink.sha.hexdigest())
+    return Inflated(in_sha.hexdigest(), fmt, sink.written)
 
 
 class _OpenChecked:
@@ -170,13 +169,12 @@ def _as_archive_error(exc, name, directory):
 
 
 class _Sink:
-    """Where inflated pieces go: the output cap and free-space check, the output hash, the file."""
+    """Where inflated pieces go: the output cap and free-space check, then the file."""
 
     def __init__(self, out, name, directory, max_bytes, min_free, budget):  # `out`: a file descriptor
         self.out, self.name, self.directory = out, name, directory
         self.max_bytes, self.min_free, self.budget = max_bytes, min_free, budget
         self.written = 0
-        self.sha = hashlib.sha256()
 
     def write(self, piece):
         if not piece:
@@ -193,7 +191,6 @@ class _Sink:
                     f"{self.directory}: not enough free space to extract {self.name} "
                     f"(min_free_bytes {self.min_free}); free some space and rerun"
                 )
-        self.sha.update(piece)
         view = memoryview(piece)
         while view:
             view = view[os.write(self.out, view) :]

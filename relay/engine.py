@@ -284,7 +284,6 @@ def _place(run, rec, tmp, result, started):
             status=EXTRACTED,
             extracted_path=target,
             extracted_size=result.size,
-            extracted_sha256=result.out_sha256,
             source_path=source,
         )
         run.emit(

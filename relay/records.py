@@ -38,7 +38,6 @@ class Record(msgspec.Struct, kw_only=True):
     attempts: dict[str, int] = {}
     extracted_path: str = ""
     extracted_size: int = -1
-    extracted_sha256: str = ""
     source_path: str = ""  # where the compressed source went: processed/, error/…, or "" if deleted
     run_id: str = ""  # the run that last changed it
     created_at: float = 0.0

@@ -3,6 +3,7 @@
 import json
 import os
 
+import msgspec
 import pytest
 
 from relay.errors import StateCorrupt
@@ -35,6 +36,18 @@ def test_records_round_trip_with_any_byte_in_their_names(tmp_path):
     assert got[r.key].remote_path == odd and got[r.key].extracted_path == odd + ".out"
     assert [x.key for x in again.parked("a")] == [r.key]
     assert {x.key for x in again.unfinished("a")} == {r.key, rec("/l/b.gz").key}
+
+
+def test_a_record_written_with_a_field_since_dropped_still_reads(tmp_path):
+    """Records of earlier versions carry extracted_sha256 (no longer computed): they decode as before."""
+    store = Store(str(tmp_path))
+    r = rec("/l/old.gz", status=PROCESSED, extracted_size=5)
+    store.commit([r])
+    old = msgspec.msgpack.encode({**msgspec.structs.asdict(r), "extracted_sha256": "ab" * 32})
+    store._db.execute("UPDATE records SET body = ? WHERE key = ?", (old, r.key))  # autocommit
+    store.close()
+    [again] = Store(str(tmp_path), readonly=True).all_records()
+    assert again.key == r.key and again.status == PROCESSED and again.extracted_size == 5
 
 
 def test_content_once_processed_stays_known(tmp_path):
