@@ -7,7 +7,7 @@ import sys
 
 from doit.exceptions import TaskFailed
 
-from . import engine, logs, parking
+from . import engine, logs, parking, smallfiles
 from .errors import RelayError
 from .planning import drop_record
 from .records import COPIED, ERROR, PENDING, PROCESSED, SUPERSEDED, label
@@ -35,7 +35,9 @@ def _guarded(fn):
 @_guarded
 def list_action(run, server):
     """`plan:<server>`: list the server and plan its work."""
-    engine.list_server(run, server)
+    plan = engine.list_server(run, server)
+    if run.inflater is not None and len(plan.due) >= smallfiles.HELPER_BATCH:
+        run.inflater.warm()  # it boots while the files are fetched
     return True
 
 
@@ -79,16 +81,14 @@ def _as_drop(run, rec):
 
 # Compressed size from which a file is extracted on the run's pool: such work is in C (isal, hashing,
 # I/O) and uses every core. A smaller file's work is half Python: a second thread would only contend
-# for the interpreter lock, so those are done by the calling thread, one after the other.
+# for the interpreter lock, so those are done by the calling thread with the run's helper process.
 LARGE_BYTES = 256 * 2**10
 
 
 def _extract_all(run, records):
     """Extract `records`: large ones on the run's pool, small ones here; re-raise the first error."""
     futures = [run.pool.submit(engine.extract_file, run, rec) for rec in records if rec.size >= LARGE_BYTES]
-    for rec in records:
-        if rec.size < LARGE_BYTES:
-            engine.extract_file(run, rec)
+    smallfiles.extract_small(run, [rec for rec in records if rec.size < LARGE_BYTES])
     for future in concurrent.futures.as_completed(futures):
         future.result()
 

@@ -165,16 +165,23 @@ def extract_file(run, rec):
         run.check_stop()
         if rec.status == COPIED:
             with run.slot(rec.server):
-                _extract(run, rec)
+                extract(run, rec)
     finally:
         run.ledger.end(rec.key)
 
 
-def _extract(run, rec):
+def expected(rec):
+    """The size and whole-second mtime the copy in incoming/ must still have (a drop's mtime is its own)."""
+    return rec.size, whole_seconds(rec.mtime) if rec.origin == "remote" else None
+
+
+def extract(run, rec):
+    """Verify, extract and place one file taken by the caller (its copy in incoming/)."""
+
     settings = run.settings
     src = incoming_path(settings.data_root, rec)
     tmp = f"{run.layout.extract_tmp(rec.server)}/{rec.key}.part"
-    expect = (rec.size, whole_seconds(rec.mtime) if rec.origin == "remote" else None)
+    expect = expected(rec)
     started = time.monotonic()
 
     def once():
@@ -214,7 +221,7 @@ def _extract(run, rec):
         parking.park(run, rec, "extract", exc)
         return
     crashpoint("extract")
-    _place(run, rec, tmp, result, started)
+    place(run, rec, tmp, result, started)
 
 
 def _source_moved(run, rec, src, exc):
@@ -246,7 +253,7 @@ def _still_changing(run, rec):
     return entry is None or (entry.size, entry.mtime) != (rec.size, rec.mtime)
 
 
-def _place(run, rec, tmp, result, started):
+def place(run, rec, tmp, result, started):
     """Rename a verified extraction into extracted/ (or drop it: known content), plan the source's place."""
     ledger, layout = run.ledger, run.layout
     rec.sha256, rec.format = result.sha256, result.format

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import durable, logs
 from .errors import ConfigError, LockHeld, RunInterrupted, StateCorrupt, StateWriteError
+from .inflater import Inflater
 from .layout import Layout
 from .ledger import Ledger
 from .remote import Children, Connection
@@ -49,6 +50,7 @@ class Run:
         self.store: Any = None
         self.ledger: Any = None
         self.pool: Any = None
+        self.inflater: Any = None  # the helper process for small files, when there are cores for it
         self.children: Any = None
         self.connections = {}
         self._server_slots = {}
@@ -97,6 +99,8 @@ class Run:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="extract"
             )
+            if settings.max_workers > 1 and len(os.sched_getaffinity(0)) > 1:
+                self.inflater = Inflater(on_exit=self._helper_ended)
             sweep(self)
             self.started_at = time.monotonic()
             atexit.register(self.close)  # doit ends the process after its last task: flush, sync, unlock
@@ -121,6 +125,12 @@ class Run:
     def emit(self, level, message, rec=None, **fields):
         """Log one structured event of the run (about record `rec`, if given)."""
         logs.about(self.log, level, message, rec, **fields)
+
+    def _helper_ended(self, code):
+        self.log.warning(
+            f"the helper process that inflates small files ended (status {code}); the run goes on without it",
+            extra={"operation": "extract"},
+        )
 
     def slot(self, server):
         """The per-server cap on files worked on at once."""
@@ -148,6 +158,8 @@ class Run:
                 self.store.set_meta("clean", "yes")
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.inflater is not None:
+                self.inflater.close()
             self.store.close()
             self.store = None
             self.release_lock()
@@ -171,6 +183,8 @@ class Run:
 
     def _finish_stop(self, signum):
         deadline = time.monotonic() + STOP_GRACE
+        if self.inflater is not None:
+            self.inflater.close()  # what it was given is not placed: the threads see the stop
         self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
         try:
             self.ledger.flush()

@@ -1,0 +1,175 @@
+"""A helper process that inflates small files beside the run's threads, on another core.
+
+A small file's extraction is half inflating and hashing, half the run's own Python (records, names,
+log lines), and the interpreter lock keeps all of that on one core. The helper does the first half
+for batches of files sent down a pipe; the run's thread places the results. The helper only writes
+the `.part` files it is given and answers with what `codecs.inflate` returned. Anything it cannot do
+comes back as "not done", and the run's thread then does that file itself, the usual way, with its
+retries and error handling: the helper can only make a run faster, never change what it does.
+
+It ends with the run: killed by `close()` (the run's end, or its stop on a signal), by the
+parent-death signal when the run is killed outright, or at the end of its input. A `.part` file it
+was writing then is removed by the next run's start-up sweep; its names are its own (`.helper.part`),
+so the run's threads never write to a file it may still write to.
+"""
+
+import collections
+import concurrent.futures
+import ctypes
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+import msgspec
+
+from . import codecs
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_HEADER = struct.Struct("<I")  # each message: its length, then msgpack
+
+
+class Job(msgspec.Struct, array_like=True):
+    """One file to inflate: `codecs.inflate`'s arguments."""
+
+    src: str
+    tmp: str
+    max_bytes: int
+    min_free: int
+    size: int
+    mtime: int | None  # whole seconds the file must still have; None: not checked
+
+
+class Outcome(msgspec.Struct, array_like=True):
+    """What became of a Job: done (with inflate's result) or not (the run's thread does it again)."""
+
+    done: bool
+    sha256: str = ""
+    format: str = ""
+    size: int = 0
+
+
+# --- in the helper process -------------------------------------------------------------------
+
+
+def _inflate(job):
+    try:
+        result = codecs.inflate(
+            job.src, job.tmp, max_bytes=job.max_bytes, min_free=job.min_free, expect=(job.size, job.mtime)
+        )
+    except Exception:  # noqa: BLE001 - whatever it is, the run's thread meets it again and handles it
+        return Outcome(False)
+    return Outcome(True, result.sha256, result.format, result.size)
+
+
+def _read_exact(stream, count):
+    data = stream.read(count)
+    return data if data is not None and len(data) == count else None
+
+
+def serve(parent_pid):
+    """The helper's loop: inflate each batch read from stdin, answer on stdout, until end of input."""
+    prctl = ctypes.CDLL(None).prctl
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        return  # the run died before the death signal was set
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides when this ends
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    decode, encode = msgspec.msgpack.Decoder(list[Job]).decode, msgspec.msgpack.Encoder().encode
+    while (header := _read_exact(source, _HEADER.size)) is not None:
+        body = _read_exact(source, _HEADER.unpack(header)[0])
+        if body is None:
+            return
+        answer = encode([_inflate(job) for job in decode(body)])
+        sink.write(_HEADER.pack(len(answer)) + answer)
+        sink.flush()
+
+
+# --- in the run -------------------------------------------------------------------------------
+
+
+class Inflater:
+    """The run's side: start the helper on first use, send batches, hand back their outcomes."""
+
+    def __init__(self, on_exit=None):
+        self._on_exit = on_exit  # called once with the helper's exit status if it ends unasked
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._waiting: collections.deque[concurrent.futures.Future] = collections.deque()  # batches sent, in order
+        self._closed = False  # no more batches are sent
+        self._closing = False  # close() was called
+        self._encode = msgspec.msgpack.Encoder().encode
+
+    def warm(self):
+        """Start the helper now (it takes a tenth of a second), so that it is ready when files are."""
+        with self._lock:
+            if self._proc is None and not self._closed:
+                self._start()
+
+    def submit(self, jobs):
+        """Send `jobs` to the helper; a Future of their Outcomes, or None if there is no helper (any more)."""
+        with self._lock:
+            if self._closed or (self._proc is None and not self._start()):
+                return None
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            body = self._encode(jobs)
+            self._waiting.append(future)
+            stdin = self._proc.stdin if self._proc is not None else None
+            assert stdin is not None  # started above, with a pipe
+            try:
+                stdin.write(_HEADER.pack(len(body)) + body)
+                stdin.flush()
+            except (OSError, ValueError):  # it died: the reader fails every waiting future
+                self._closed = True
+            return future
+
+    def _start(self):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {root!r}); from relay.inflater import serve; serve({os.getpid()})"
+        env = dict(os.environ, RELAY_CRASH_AT="")  # crash tests kill the run itself, never the helper
+        try:
+            # Popen forks and execs in C (no Python in the child), so starting it here is thread-safe.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C at the terminal is the run's to handle
+                env=env,
+            )
+        except OSError:
+            self._closed = True
+            return False
+        threading.Thread(target=self._read, args=(self._proc,), name="inflater reader", daemon=True).start()
+        return True
+
+    def _read(self, proc):
+        decode = msgspec.msgpack.Decoder(list[Outcome]).decode
+        try:
+            while (header := _read_exact(proc.stdout, _HEADER.size)) is not None:
+                body = _read_exact(proc.stdout, _HEADER.unpack(header)[0])
+                if body is None:
+                    break
+                self._waiting.popleft().set_result(decode(body))
+        except (OSError, ValueError, msgspec.DecodeError):
+            pass
+        with self._lock:
+            self._closed = True
+        if proc.poll() is None:
+            proc.kill()  # an answer that does not decode: no more is asked of it
+        code = proc.wait()
+        if not self._closing and self._on_exit is not None:
+            self._on_exit(code)  # said before the batches it had are given back
+        while self._waiting:
+            self._waiting.popleft().set_result(None)  # not done: the run's threads do them
+
+    def close(self):
+        """End the helper (what it was doing is not waited for: its `.part` files are swept next start)."""
+        with self._lock:
+            self._closed = self._closing = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
