@@ -132,7 +132,7 @@ class Inflater:
         try:
             # Popen forks and execs in C (no Python in the child), so starting it here is thread-safe.
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", code],
+                [sys.executable, "-c", code],  # the run's own interpreter and environment
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

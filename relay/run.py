@@ -99,7 +99,7 @@ class Run:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="extract"
             )
-            if settings.max_workers > 1 and len(os.sched_getaffinity(0)) > 1:
+            if min(settings.max_workers, settings.max_per_server) > 1 and len(os.sched_getaffinity(0)) > 1:
                 self.inflater = Inflater(on_exit=self._helper_ended)
             sweep(self)
             self.started_at = time.monotonic()

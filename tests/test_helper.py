@@ -149,3 +149,18 @@ def test_the_helper_ends_with_its_run(env, signum):
         wait_for(lambda: not os.path.exists(f"/proc/{helper}") or _state(helper) == "Z", 5, "the helper ended")
     finally:
         os.kill(sshd, signal.SIGCONT)
+
+
+@needs_root
+def test_no_helper_when_the_run_is_to_work_one_file_at_a_time(env):
+    run = in_process_run(env)
+    try:
+        assert (run.inflater is not None) == (len(os.sched_getaffinity(0)) > 1)
+    finally:
+        run.close()
+    env.configure(pipeline={"max_per_server": 1})
+    run = in_process_run(env)
+    try:
+        assert run.inflater is None
+    finally:
+        run.close()
