@@ -36,7 +36,7 @@ def _guarded(fn):
 def list_action(run, server):
     """`plan:<server>`: list the server and plan its work."""
     plan = engine.list_server(run, server)
-    if run.inflater is not None and len(plan.due) >= smallfiles.HELPER_BATCH:
+    if run.inflater is not None and sum(r.size < LARGE_BYTES for r in plan.due) >= smallfiles.HELPER_BATCH:
         run.inflater.warm()  # it boots while the files are fetched
     return True
 

@@ -5,7 +5,7 @@ log lines), and the interpreter lock keeps all of that on one core. The helper d
 for batches of files sent down a pipe; the run's thread places the results. The helper only writes
 the `.part` files it is given and answers with what `codecs.inflate` returned. Anything it cannot do
 comes back as "not done", and the run's thread then does that file itself, the usual way, with its
-retries and error handling: the helper can only make a run faster, never change what it does.
+retries and error handling.
 
 It ends with the run: killed by `close()` (the run's end, or its stop on a signal), by the
 parent-death signal when the run is killed outright, or at the end of its input. A `.part` file it
@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import msgspec
 
@@ -29,13 +30,14 @@ from . import codecs
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _HEADER = struct.Struct("<I")  # each message: its length, then msgpack
+CLOSE_WAIT = 1.0  # seconds close() waits for the killed helper to be gone (else its thread reaps it)
 
 
 class Job(msgspec.Struct, array_like=True):
-    """One file to inflate: `codecs.inflate`'s arguments."""
+    """One file to inflate: `codecs.inflate`'s arguments (paths as bytes: a name need not be UTF-8)."""
 
-    src: str
-    tmp: str
+    src: bytes
+    tmp: bytes
     max_bytes: int
     min_free: int
     size: int
@@ -43,25 +45,31 @@ class Job(msgspec.Struct, array_like=True):
 
 
 class Outcome(msgspec.Struct, array_like=True):
-    """What became of a Job: done (with inflate's result) or not (the run's thread does it again)."""
+    """What became of a Job: done (with inflate's result and its seconds) or not (the run's thread does it)."""
 
     done: bool
     sha256: str = ""
     format: str = ""
     size: int = 0
+    seconds: float = 0.0
 
 
 # --- in the helper process -------------------------------------------------------------------
 
 
 def _inflate(job):
+    started = time.monotonic()
     try:
         result = codecs.inflate(
-            job.src, job.tmp, max_bytes=job.max_bytes, min_free=job.min_free, expect=(job.size, job.mtime)
+            os.fsdecode(job.src),
+            os.fsdecode(job.tmp),
+            max_bytes=job.max_bytes,
+            min_free=job.min_free,
+            expect=(job.size, job.mtime),
         )
     except Exception:  # noqa: BLE001 - whatever it is, the run's thread meets it again and handles it
         return Outcome(False)
-    return Outcome(True, result.sha256, result.format, result.size)
+    return Outcome(True, result.sha256, result.format, result.size, time.monotonic() - started)
 
 
 def _read_exact(stream, count):
@@ -95,7 +103,8 @@ class Inflater:
 
     def __init__(self, on_exit=None):
         self._on_exit = on_exit  # called once with the helper's exit status if it ends unasked
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the state below; never held while blocked on the pipe
+        self._write_lock = threading.Lock()  # one message at a time, in the order of _waiting
         self._proc: subprocess.Popen | None = None
         self._waiting: collections.deque[concurrent.futures.Future] = collections.deque()  # batches sent, in order
         self._closed = False  # no more batches are sent
@@ -109,29 +118,44 @@ class Inflater:
                 self._start()
 
     def submit(self, jobs):
-        """Send `jobs` to the helper; a Future of their Outcomes, or None if there is no helper (any more)."""
+        """Send `jobs` to the helper; a Future of their Outcomes (None for each if it ended first), or
+        None if there is no helper (any more)."""
         with self._lock:
             if self._closed or (self._proc is None and not self._start()):
                 return None
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            body = self._encode(jobs)
-            self._waiting.append(future)
             stdin = self._proc.stdin if self._proc is not None else None
-            assert stdin is not None  # started above, with a pipe
+        assert stdin is not None  # started with a pipe
+        message = self._encode(jobs)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._write_lock:
+            with self._lock:
+                if self._closed:
+                    return None
+                self._waiting.append(future)  # before the write: the reader may answer at once
             try:
-                stdin.write(_HEADER.pack(len(body)) + body)
+                stdin.write(_HEADER.pack(len(message)) + message)
                 stdin.flush()
-            except (OSError, ValueError):  # it died: the reader fails every waiting future
-                self._closed = True
-            return future
+            except (OSError, ValueError):  # it ended: the reader gives every waiting future None
+                with self._lock:
+                    self._closed = True
+        return future
 
     def _start(self):
+        """Start the helper from a thread of its own (called under the lock); False if it cannot be."""
+        # That thread lives as long as the helper (it reads its answers): the parent-death signal
+        # follows the thread that forked, and a doit worker thread may end before the run does.
+        started = threading.Event()
+        threading.Thread(target=self._run_helper, args=(started,), name="inflater", daemon=True).start()
+        started.wait()
+        return self._proc is not None
+
+    def _run_helper(self, started):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from relay.inflater import serve; serve({os.getpid()})"
         env = dict(os.environ, RELAY_CRASH_AT="")  # crash tests kill the run itself, never the helper
         try:
             # Popen forks and execs in C (no Python in the child), so starting it here is thread-safe.
-            self._proc = subprocess.Popen(
+            self._proc = proc = subprocess.Popen(
                 [sys.executable, "-c", code],  # the run's own interpreter and environment
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -141,9 +165,10 @@ class Inflater:
             )
         except OSError:
             self._closed = True
-            return False
-        threading.Thread(target=self._read, args=(self._proc,), name="inflater reader", daemon=True).start()
-        return True
+            return
+        finally:
+            started.set()
+        self._read(proc)
 
     def _read(self, proc):
         decode = msgspec.msgpack.Decoder(list[Outcome]).decode
@@ -153,23 +178,30 @@ class Inflater:
                 if body is None:
                     break
                 self._waiting.popleft().set_result(decode(body))
-        except (OSError, ValueError, msgspec.DecodeError):
+        except Exception:  # noqa: BLE001 - an answer that cannot be read ends the helper, not the run
             pass
-        with self._lock:
-            self._closed = True
-        if proc.poll() is None:
-            proc.kill()  # an answer that does not decode: no more is asked of it
-        code = proc.wait()
-        if not self._closing and self._on_exit is not None:
-            self._on_exit(code)  # said before the batches it had are given back
-        while self._waiting:
-            self._waiting.popleft().set_result(None)  # not done: the run's threads do them
+        finally:
+            with self._lock:
+                self._closed = True
+            if proc.poll() is None:
+                proc.kill()
+            code = proc.wait()
+            try:
+                if not self._closing and self._on_exit is not None:
+                    self._on_exit(code)  # said before the batches it had are given back
+            finally:
+                while self._waiting:
+                    self._waiting.popleft().set_result(None)  # not done: the run's threads do them
 
     def close(self):
-        """End the helper (what it was doing is not waited for: its `.part` files are swept next start)."""
+        """End the helper; wait at most CLOSE_WAIT s for it (what it was doing is left: its `.part`
+        files are swept at the next start)."""
         with self._lock:
             self._closed = self._closing = True
             proc = self._proc
         if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.kill()  # a writer blocked on the full pipe then gets EPIPE
+            try:
+                proc.wait(timeout=CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                pass  # in uninterruptible I/O: its thread reaps it when it is gone

@@ -2,6 +2,7 @@
 which inflates batches of them on another core while the thread places what came back."""
 
 import collections
+import os
 import time
 
 from . import codecs, durable, engine
@@ -20,7 +21,7 @@ def extract_small(run, records):
     """Extract small files: batches are inflated by the run's helper process while this thread
     places what came back, or does a batch itself when the helper has enough."""
     todo, helper = collections.deque(records), run.inflater
-    sent: collections.deque[tuple] = collections.deque()  # (records taken, future, when sent)
+    sent: collections.deque[tuple] = collections.deque()  # (records taken, future)
     try:
         while todo or sent:
             if sent and (sent[0][1].done() or not todo):
@@ -36,7 +37,9 @@ def extract_small(run, records):
             else:  # one file here, then look again at what came back
                 engine.extract_file(run, todo.popleft())
     finally:
-        for taken, _, _ in sent:  # not placed (the run is stopping or failed): free for another try
+        # Not placed (the run is stopping, or failed): free for another try. Their `.helper.part`
+        # files, which the helper may still be writing, go at the next start-up sweep.
+        for taken, _ in sent:
             for rec in taken:
                 run.ledger.end(rec.key)
 
@@ -47,8 +50,8 @@ def _helper_tmp(run, rec):
 
 
 def _hand_over(run, helper, batch):
-    """Send those of `batch` no other thread works on to the helper: (records taken, future, when),
-    or None if the helper is gone (then none is taken)."""
+    """Send those of `batch` no other thread works on to the helper: (records taken, future), or
+    None if the helper is gone (then none is taken)."""
     run.check_stop()
     taken = []
     for rec in batch:
@@ -57,38 +60,44 @@ def _hand_over(run, helper, batch):
                 taken.append(rec)
             else:
                 run.ledger.end(rec.key)
+    if not taken:
+        return [], None
     settings = run.settings
-    jobs = [
-        Job(
-            incoming_path(settings.data_root, rec),
-            _helper_tmp(run, rec),
-            settings.max_extracted_bytes,
-            settings.min_free_bytes,
-            *engine.expected(rec),
-        )
-        for rec in taken
-    ]
-    if not jobs:
-        return [], None, 0.0
-    future = helper.submit(jobs)
-    if future is None:
-        for rec in taken:
-            run.ledger.end(rec.key)
-        return None
-    return taken, future, time.monotonic()
-
-
-def _place_batch(run, taken, future, started):
-    """Place what the helper made of `taken`; a file it did not do is done here, the usual way."""
-    outcomes = future.result() or [None] * len(taken)  # None: the helper ended before answering
+    future = None
     try:
+        future = helper.submit(
+            [
+                Job(
+                    os.fsencode(incoming_path(settings.data_root, rec)),
+                    os.fsencode(_helper_tmp(run, rec)),
+                    settings.max_extracted_bytes,
+                    settings.min_free_bytes,
+                    *engine.expected(rec),
+                )
+                for rec in taken
+            ]
+        )
+    finally:
+        if future is None:  # no helper, or a failure here: the files are free again
+            for rec in taken:
+                run.ledger.end(rec.key)
+    return None if future is None else (taken, future)
+
+
+def _place_batch(run, taken, future):
+    """Place what the helper made of `taken`; a file it did not do is done here, the usual way."""
+    try:
+        outcomes = future.result()  # None: the helper ended before answering
+        if outcomes is None or len(outcomes) != len(taken):
+            outcomes = [None] * len(taken)
         for rec, outcome in zip(taken, outcomes):
             run.check_stop()
             tmp = _helper_tmp(run, rec)
             if outcome is not None and outcome.done:
                 run.ledger.attempt(rec, "extract")  # one that failed is counted by engine.extract, which does it again
                 crashpoint("extract")
-                engine.place(run, rec, tmp, codecs.Inflated(outcome.sha256, outcome.format, outcome.size), started)
+                result = codecs.Inflated(outcome.sha256, outcome.format, outcome.size)
+                engine.place(run, rec, tmp, result, time.monotonic() - outcome.seconds)  # its own time, not the wait
             else:
                 durable.unlink_quietly(tmp)
                 with run.slot(rec.server):

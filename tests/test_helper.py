@@ -7,11 +7,13 @@ import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from conftest import DODO, needs_root
 from test_doit import _cmdline, _state, descendants, wait_for
-from test_guarantees import in_process_run
+from test_guarantees import assert_converged, in_process_run, seed_files
 
 from relay import actions, codecs, engine
 from relay import sandbox as sb
@@ -29,7 +31,7 @@ def test_the_helper_returns_what_inflate_returns_and_leaves_nothing_of_a_failure
     def job(name, size=None):
         src = tmp_path / name
         out = tmp_path / (f"{name}.part" if size is None else f"{name}.{size}.part")
-        return Job(str(src), str(out), 10**6, 0, os.path.getsize(src) if size is None else size, None)
+        return Job(os.fsencode(src), os.fsencode(out), 10**6, 0, os.path.getsize(src) if size is None else size, None)
 
     helper = Inflater()
     try:
@@ -81,7 +83,7 @@ def test_files_the_helper_fails_on_are_handled_the_usual_way(env):
         records = {os.path.basename(r.remote_path): r for r in run.ledger.changed_in_run("srv1")}
     finally:
         run.close()
-    handed = {os.path.basename(j.src) for jobs in sent for j in jobs}
+    handed = {os.fsdecode(os.path.basename(j.src)) for jobs in sent for j in jobs}
     assert {"f05.log.gz", "f07.log.gz"} <= handed  # they went through the helper first
     assert records["f05.log.gz"].status == ERROR and records["f05.log.gz"].error_kind == "quarantine"
     assert (env.data / "error" / "quarantine" / "srv1" / "f05.log.gz").read_bytes() == b"corrupt, not gzip"
@@ -125,6 +127,69 @@ def test_a_helper_killed_mid_run_leaves_every_file_to_the_run_once(env):
     assert "the helper process that inflates small files ended" in log
 
 
+def test_a_stop_is_not_held_up_by_a_helper_that_does_not_read(tmp_path):
+    """The helper stuck on one file (a FIFO nobody writes), a thread blocked sending it a message
+    larger than the pipe holds: close() still ends it at once, and the blocked thread gets free."""
+    os.mkfifo(tmp_path / "stuck.gz")
+    job = Job(os.fsencode(tmp_path / "stuck.gz"), os.fsencode(tmp_path / "stuck.part"), 10**6, 0, 10, None)
+    helper = Inflater()
+    stuck = helper.submit([job])
+    big = [Job(b"/" + b"x" * 200, b"/" + b"y" * 200, 1, 0, 1, None)] * 2000  # about 800 KB, the pipe 64 KB
+    blocked = threading.Thread(target=helper.submit, args=(big,), daemon=True)
+    blocked.start()
+    wait_for(lambda: len(helper._waiting) == 2, 10, "the second message is being written")
+    started = time.monotonic()
+    closing = threading.Thread(target=helper.close, daemon=True)  # a hang here fails, not blocks, the test
+    closing.start()
+    closing.join(timeout=5)
+    blocked.join(timeout=5)
+    assert not closing.is_alive() and not blocked.is_alive() and time.monotonic() - started < 3
+    assert stuck.result(timeout=5) is None  # not done: the run's thread would do it
+
+
+@needs_root
+def test_a_name_that_is_not_utf8_goes_through_the_helper(env):
+    names = [os.fsdecode(b"caf\xe9-%02d.log.gz" % i) for i in range(40)]  # Latin-1 names, as some servers have
+    files = {name: put(env, name, i) for i, name in enumerate(names)}
+    run = in_process_run(env)
+    try:
+        engine.list_server(run, "srv1")
+        engine.fetch_server(run, "srv1")
+        sent = spy_on(run.inflater)
+        assert actions.extract_action(run, "srv1") is True
+    finally:
+        run.close()
+    assert sum(len(jobs) for jobs in sent) >= 32  # the helper had at least one batch of them
+    for name, data in files.items():
+        assert (env.data / "extracted" / "srv1" / name[:-3]).read_bytes() == data
+
+
+@needs_root
+def test_the_helper_lives_as_long_as_a_run_of_several_servers(env):
+    """It is started by one server's task thread; doit ends its threads as tasks run out, and the
+    helper must not end with that thread (the parent-death signal follows the forking thread)."""
+    expected = {}
+    for server, count in (("srv1", 150), ("srv2", 40), ("srv3", 1)):
+        for i in range(count):
+            data = sb.log_lines(random.Random(f"{server}{i}"), 40)
+            sb.write_gz(str(env.remote(server) / f"f{i:03d}.log.gz"), data)
+            expected[(server, f"f{i:03d}.log")] = data
+    env.doit("run", check=0)
+    log = (env.work / "logs" / "logpipe-relay.log").read_text()
+    assert "the helper process that inflates small files ended" not in log
+    assert_converged(env, expected)
+
+
+@needs_root
+@pytest.mark.parametrize("point", ["extract", "place", "commit"])
+def test_kill_9_while_the_helper_works_then_next_run_converges(env, point):
+    expected = seed_files(env, count=40)
+    proc = env.doit("run", env=env.environ(RELAY_CRASH_AT=point))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    env.doit("run", check=0)
+    assert_converged(env, expected)
+
+
 @needs_root
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_the_helper_ends_with_its_run(env, signum):
@@ -146,6 +211,8 @@ def test_the_helper_ends_with_its_run(env, signum):
         )
         proc.send_signal(signum)
         assert proc.wait(timeout=30) == (-signal.SIGKILL if signum == signal.SIGKILL else 143)
+        if signum == signal.SIGTERM:  # ended and reaped by the run itself, before it exits
+            assert not os.path.exists(f"/proc/{helper}")
         wait_for(lambda: not os.path.exists(f"/proc/{helper}") or _state(helper) == "Z", 5, "the helper ended")
     finally:
         os.kill(sshd, signal.SIGCONT)
@@ -158,9 +225,10 @@ def test_no_helper_when_the_run_is_to_work_one_file_at_a_time(env):
         assert (run.inflater is not None) == (len(os.sched_getaffinity(0)) > 1)
     finally:
         run.close()
-    env.configure(pipeline={"max_per_server": 1})
-    run = in_process_run(env)
-    try:
-        assert run.inflater is None
-    finally:
-        run.close()
+    for pipeline in ({"max_per_server": 1}, {"max_workers": 1}):
+        env.configure(pipeline=pipeline)
+        run = in_process_run(env)
+        try:
+            assert run.inflater is None
+        finally:
+            run.close()
