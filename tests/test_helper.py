@@ -18,7 +18,7 @@ from test_guarantees import assert_converged, in_process_run, seed_files
 from relay import actions, codecs, engine
 from relay import sandbox as sb
 from relay.inflater import Inflater, Job
-from relay.records import ERROR, PROCESSED, SUPERSEDED
+from relay.records import PROCESSED, SUPERSEDED
 
 
 def test_the_helper_returns_what_inflate_returns_and_leaves_nothing_of_a_failure(tmp_path):
@@ -67,33 +67,55 @@ def spy_on(helper):
     return sent
 
 
-@needs_root
-def test_files_the_helper_fails_on_are_handled_the_usual_way(env):
-    files = {f"f{i:02d}.log.gz": put(env, f"f{i:02d}.log.gz", i) for i in range(40)}
-    (env.remote("srv1") / "f05.log.gz").write_bytes(b"corrupt, not gzip")
-    os.utime(env.remote("srv1") / "f05.log.gz", (1_700_000_000, 1_700_000_000))
+def _failing_files(env, server):
+    """40 files on `server`, four of which fail: corrupt, a bomb for a 1 MB cap, and two spoilt later."""
+    for i in range(40):
+        data = sb.log_lines(random.Random(i), 40)
+        sb.write_gz(str(env.remote(server) / f"f{i:02d}.log.gz"), data)
+    (env.remote(server) / "f05.log.gz").write_bytes(b"corrupt, not gzip")
+    sb.write_gz(str(env.remote(server) / "f06.log.gz"), b"\0" * (4 * 2**20))  # 4 MB of zeros: a bomb here
+
+
+def _run_failing(env, server, with_helper):
     run = in_process_run(env)
     try:
-        engine.list_server(run, "srv1")
-        engine.fetch_server(run, "srv1")
-        with open(env.data / "incoming" / "srv1" / "f07.log.gz", "ab") as fh:  # changed after its fetch
+        if not with_helper:
+            run.inflater.close()
+            run.inflater = None  # every file is done by the server's thread
+        engine.list_server(run, server)
+        engine.fetch_server(run, server)
+        incoming = env.data / "incoming" / server
+        with open(incoming / "f07.log.gz", "ab") as fh:  # changed after its fetch
             fh.write(gzip.compress(b"late\n"))
-        sent = spy_on(run.inflater)
-        actions.extract_action(run, "srv1")
-        records = {os.path.basename(r.remote_path): r for r in run.ledger.changed_in_run("srv1")}
+        os.unlink(incoming / "f08.log.gz")  # gone from incoming/ after its fetch
+        sent = spy_on(run.inflater) if with_helper else []
+        actions.extract_action(run, server)
+        records = {os.path.basename(r.remote_path): r for r in run.ledger.changed_in_run(server)}
     finally:
         run.close()
     handed = {os.fsdecode(os.path.basename(j.src)) for jobs in sent for j in jobs}
-    assert {"f05.log.gz", "f07.log.gz"} <= handed  # they went through the helper first
-    assert records["f05.log.gz"].status == ERROR and records["f05.log.gz"].error_kind == "quarantine"
-    assert (env.data / "error" / "quarantine" / "srv1" / "f05.log.gz").read_bytes() == b"corrupt, not gzip"
-    assert records["f07.log.gz"].status == SUPERSEDED
-    assert not (env.data / "extracted" / "srv1" / "f07.log").exists()
-    for name, data in files.items():
-        if name not in ("f05.log.gz", "f07.log.gz"):
-            assert records[name].status == PROCESSED
-            assert (env.data / "extracted" / "srv1" / name[:-3]).read_bytes() == data
-    assert not list((env.work / "tmp" / "extract" / "srv1").iterdir())
+    return records, handed
+
+
+@needs_root
+def test_what_the_helper_fails_on_ends_as_it_does_without_a_helper(env):
+    """Corrupt, bomb, changed and gone files handed to the helper end with the same status, error
+    kind, message and attempt counts as when the server's thread alone does them."""
+    env.configure(pipeline={"max_extracted_bytes": 2**20})
+    _failing_files(env, "srv1")
+    _failing_files(env, "srv2")
+    helped, handed = _run_failing(env, "srv1", with_helper=True)
+    alone, none = _run_failing(env, "srv2", with_helper=False)
+    assert {"f05.log.gz", "f06.log.gz", "f07.log.gz"} <= handed and not none
+    assert helped.keys() == alone.keys()
+
+    def outcome(rec):
+        return rec.status, rec.error_kind, rec.last_error.replace("srv2", "srv1"), rec.attempts, rec.extracted_size
+
+    for name in helped:
+        assert outcome(helped[name]) == outcome(alone[name]), name
+    assert helped["f05.log.gz"].error_kind == "quarantine" and helped["f06.log.gz"].error_kind == "quarantine"
+    assert helped["f07.log.gz"].status == SUPERSEDED
 
 
 @needs_root
