@@ -169,6 +169,33 @@ def test_a_stop_is_not_held_up_by_a_helper_that_does_not_read(tmp_path):
     assert stuck.result(timeout=5) is None  # not done: the run's thread would do it
 
 
+def test_a_kill_9_of_the_run_ends_its_helper_even_while_it_works(tmp_path):
+    """The helper is stuck opening a FIFO, so it would never see its input end: only the
+    parent-death signal can end it when the run is killed."""
+    os.mkfifo(tmp_path / "stuck.gz")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    job = (os.fsencode(tmp_path / "stuck.gz"), os.fsencode(tmp_path / "stuck.part"))
+    script = (
+        f"import sys; sys.path.insert(0, {repo!r})\n"
+        "from relay.inflater import Inflater, Job\n"
+        "helper = Inflater()\n"
+        f"helper.submit([Job({job[0]!r}, {job[1]!r}, 10**6, 0, 10, None)])\n"
+        "print(helper._proc.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    helper = int(run.stdout.readline())
+
+    def waits_on_the_fifo():
+        with open(f"/proc/{helper}/wchan") as fh:
+            return fh.read() == "wait_for_partner"  # the kernel's wait in open() of a FIFO
+
+    wait_for(waits_on_the_fifo, 30, "the helper is stuck opening the FIFO")
+    run.kill()
+    run.wait(timeout=10)
+    wait_for(lambda: not os.path.exists(f"/proc/{helper}") or _state(helper) == "Z", 5, "the busy helper ended")
+
+
 @needs_root
 def test_a_name_that_is_not_utf8_goes_through_the_helper(env):
     names = [os.fsdecode(b"caf\xe9-%02d.log.gz" % i) for i in range(40)]  # Latin-1 names, as some servers have
