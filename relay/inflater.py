@@ -31,6 +31,7 @@ from . import codecs
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _HEADER = struct.Struct("<I")  # each message: its length, then msgpack
 CLOSE_WAIT = 1.0  # seconds close() waits for the killed helper to be gone (else its thread reaps it)
+MAX_ANSWER = 64 * 2**20  # bytes; a longer answer's length is taken as garbage
 
 
 class Job(msgspec.Struct, array_like=True):
@@ -135,17 +136,27 @@ class Inflater:
             try:
                 stdin.write(_HEADER.pack(len(message)) + message)
                 stdin.flush()
-            except (OSError, ValueError):  # it ended: the reader gives every waiting future None
+            except (OSError, ValueError):  # it ended (or must): the reader gives every waiting future None
                 with self._lock:
                     self._closed = True
+                self._kill()
         return future
+
+    def _kill(self):
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _start(self):
         """Start the helper from a thread of its own (called under the lock); False if it cannot be."""
         # That thread lives as long as the helper (it reads its answers): the parent-death signal
         # follows the thread that forked, and a doit worker thread may end before the run does.
         started = threading.Event()
-        threading.Thread(target=self._run_helper, args=(started,), name="inflater", daemon=True).start()
+        try:
+            threading.Thread(target=self._run_helper, args=(started,), name="inflater", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the run goes on without a helper
+            self._closed = True
+            return False
         started.wait()
         return self._proc is not None
 
@@ -163,7 +174,7 @@ class Inflater:
                 start_new_session=True,  # a Ctrl-C at the terminal is the run's to handle
                 env=env,
             )
-        except OSError:
+        except Exception:  # noqa: BLE001 - no helper (it could not start): the run goes on without one
             self._closed = True
             return
         finally:
@@ -174,21 +185,24 @@ class Inflater:
         decode = msgspec.msgpack.Decoder(list[Outcome]).decode
         try:
             while (header := _read_exact(proc.stdout, _HEADER.size)) is not None:
-                body = _read_exact(proc.stdout, _HEADER.unpack(header)[0])
+                length = _HEADER.unpack(header)[0]
+                body = _read_exact(proc.stdout, length) if length <= MAX_ANSWER else None
                 if body is None:
                     break
-                self._waiting.popleft().set_result(decode(body))
+                outcomes = decode(body)  # before the future leaves _waiting: if this fails, it is drained
+                self._waiting.popleft().set_result(outcomes)
         except Exception:  # noqa: BLE001 - an answer that cannot be read ends the helper, not the run
             pass
         finally:
             with self._lock:
                 self._closed = True
-            if proc.poll() is None:
-                proc.kill()
+            self._kill()
             code = proc.wait()
             try:
                 if not self._closing and self._on_exit is not None:
                     self._on_exit(code)  # said before the batches it had are given back
+            except Exception:  # noqa: BLE001 - a warning that cannot be logged must not hold up the files
+                pass
             finally:
                 while self._waiting:
                     self._waiting.popleft().set_result(None)  # not done: the run's threads do them
@@ -200,7 +214,7 @@ class Inflater:
             self._closed = self._closing = True
             proc = self._proc
         if proc is not None and proc.poll() is None:
-            proc.kill()  # a writer blocked on the full pipe then gets EPIPE
+            self._kill()  # a writer blocked on the full pipe then gets EPIPE
             try:
                 proc.wait(timeout=CLOSE_WAIT)
             except subprocess.TimeoutExpired:

@@ -183,10 +183,10 @@ class Run:
 
     def _finish_stop(self, signum):
         deadline = time.monotonic() + STOP_GRACE
-        if self.inflater is not None:
-            self.inflater.close()  # what it was given is not placed: the threads see the stop
-        self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
         try:
+            if self.inflater is not None:
+                self.inflater.close()  # what it was given is not placed: the threads see the stop
+            self.ledger.wait_idle(max(0.0, deadline - time.monotonic()))
             self.ledger.flush()
             self.log.warning(
                 f"stopped by signal {signum}; what finished is recorded, the rest is done by the next run",

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 from conftest import DODO, needs_root
 from test_doit import _cmdline, _state, descendants, wait_for
@@ -147,6 +148,30 @@ def test_a_helper_killed_mid_run_leaves_every_file_to_the_run_once(env):
     assert not list((env.work / "tmp" / "extract" / "srv1").iterdir())
     log = (env.work / "logs" / "logpipe-relay.log").read_text()
     assert "the helper process that inflates small files ended" in log
+
+
+def test_an_answer_that_cannot_be_read_gives_its_batch_back(tmp_path, monkeypatch):
+    """The run's side cannot decode what the helper sent: the batch comes back "not done" (its
+    thread does the files), never a future left waiting for ever, and the helper is gone."""
+    (tmp_path / "good.gz").write_bytes(gzip.compress(b"one\n"))
+
+    class Unreadable:
+        def __init__(self, kind):
+            del kind
+
+        def decode(self, body):
+            raise msgspec.DecodeError("garbage")
+
+    monkeypatch.setattr(msgspec.msgpack, "Decoder", Unreadable)  # only this process's side of the pipe
+    ended = []
+    helper = Inflater(on_exit=ended.append)
+    try:
+        job = Job(os.fsencode(tmp_path / "good.gz"), os.fsencode(tmp_path / "good.part"), 10**6, 0, 24, None)
+        future = helper.submit([job])
+        assert future.result(timeout=30) is None
+        assert helper.submit([job]) is None and ended  # no helper any more, and it was said
+    finally:
+        helper.close()
 
 
 def test_a_stop_is_not_held_up_by_a_helper_that_does_not_read(tmp_path):
