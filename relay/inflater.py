@@ -84,7 +84,10 @@ def serve(parent_pid):
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         return  # the run died before the death signal was set
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides when this ends
+    # The run decides when this ends (it kills it on its stop): a SIGTERM sent to the whole group of
+    # processes (systemd stopping the unit) must not end it first, as a failure the run would report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     decode, encode = msgspec.msgpack.Decoder(list[Job]).decode, msgspec.msgpack.Encoder().encode
     while (header := _read_exact(source, _HEADER.size)) is not None:

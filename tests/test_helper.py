@@ -264,6 +264,13 @@ def test_kill_9_while_the_helper_works_then_next_run_converges(env, point):
     assert_converged(env, expected)
 
 
+def _ignores(pid, signum):
+    """Whether process `pid` ignores `signum` (its SigIgn mask in /proc)."""
+    with open(f"/proc/{pid}/status") as fh:
+        mask = next(line.split()[1] for line in fh if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signum - 1)))
+
+
 @needs_root
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_the_helper_ends_with_its_run(env, signum):
@@ -283,10 +290,15 @@ def test_the_helper_ends_with_its_run(env, signum):
         [helper] = wait_for(
             lambda: [p for p in descendants(proc.pid) if "relay.inflater" in _cmdline(p)], 60, "the helper started"
         )
+        if signum == signal.SIGTERM:
+            wait_for(lambda: _ignores(helper, signal.SIGTERM), 30, "the helper is up")
+            os.kill(helper, signal.SIGTERM)  # as systemd does: every process of the unit at once
         proc.send_signal(signum)
         assert proc.wait(timeout=30) == (-signal.SIGKILL if signum == signal.SIGKILL else 143)
         if signum == signal.SIGTERM:  # ended and reaped by the run itself, before it exits
             assert not os.path.exists(f"/proc/{helper}")
+            log = (env.work / "logs" / "logpipe-relay.log").read_text()
+            assert "stopped by signal 15" in log and "the helper process that inflates" not in log
         wait_for(lambda: not os.path.exists(f"/proc/{helper}") or _state(helper) == "Z", 5, "the helper ended")
     finally:
         os.kill(sshd, signal.SIGCONT)
