@@ -26,7 +26,8 @@ from .store import Store
 
 # Free space a run wants on STATE_DIR's filesystem before it starts: its database and doit's.
 STATE_MIN_FREE = 16 * 2**20
-# On Ctrl-C or SIGTERM, how long the files being worked on get to finish before the process ends.
+# On Ctrl-C or SIGTERM, how long from the signal the files being worked on get to finish (the
+# children's end included) before what finished is recorded and the process ends.
 STOP_GRACE = 3.0
 
 
@@ -178,11 +179,11 @@ class Run:
         self.stopping.set()
         if self.started_at is None:
             os._exit(128 + signum)  # nothing begun, nothing to record
+        deadline = time.monotonic() + STOP_GRACE  # from the signal: ending the children counts in it
         self.children.stop()
-        threading.Thread(target=self._finish_stop, args=(signum,), name="stop", daemon=True).start()
+        threading.Thread(target=self._finish_stop, args=(signum, deadline), name="stop", daemon=True).start()
 
-    def _finish_stop(self, signum):
-        deadline = time.monotonic() + STOP_GRACE
+    def _finish_stop(self, signum, deadline):
         try:
             if self.inflater is not None:
                 self.inflater.close()  # what it was given is not placed: the threads see the stop
