@@ -215,10 +215,9 @@ class Inflater:
         files are swept at the next start)."""
         with self._lock:
             self._closed = self._closing = True
-            proc = self._proc
-        if proc is not None and proc.poll() is None:
-            self._kill()  # a writer blocked on the full pipe then gets EPIPE
+        self._kill()  # a writer blocked on the full pipe then gets EPIPE
+        if self._proc is not None:
             try:
-                proc.wait(timeout=CLOSE_WAIT)
+                self._proc.wait(timeout=CLOSE_WAIT)
             except subprocess.TimeoutExpired:
                 pass  # in uninterruptible I/O: its thread reaps it when it is gone

@@ -75,6 +75,17 @@ class Env:
         env.update(extra)
         return env
 
+    def start(self, *args, env=None, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen):
+        """Start `doit -f dodo.py ARGS` in the background, as cron would; return the Popen."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", DODO, *args],
+            cwd=str(self.root),
+            env=env or self.environ(),
+            stdout=stdout,
+            stderr=stderr,
+            **popen,
+        )
+
     def doit(self, *args, env=None, check=None):
         """Run `doit -f dodo.py ARGS` as a user would; return the CompletedProcess."""
         proc = subprocess.run(

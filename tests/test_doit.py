@@ -141,14 +141,7 @@ def test_sigterm_and_ctrl_c_stop_a_hung_run_within_5s_with_its_children(env, sig
     sshd = env.box.servers[2].proc.pid
     os.kill(sshd, signal.SIGSTOP)  # srv3 accepts connections and never answers
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "doit", "-f", DODO, "run"],
-            env=env.environ(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=str(env.root),
-        )
+        proc = env.start("run", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(
             lambda: any(_program(p) == "ssh" and "127.0.0.13" in _cmdline(p) for p in descendants(proc.pid)),
             60,
@@ -181,13 +174,7 @@ def test_kill_9_of_a_run_takes_its_children_with_it(env):
     sshd = env.box.servers[2].proc.pid
     os.kill(sshd, signal.SIGSTOP)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "doit", "-f", DODO, "run", "extract:srv3"],
-            env=env.environ(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=str(env.root),
-        )
+        proc = env.start("run", "extract:srv3")
         wait_for(lambda: any(_program(p) == "ssh" for p in descendants(proc.pid)), 60, "the ssh to srv3 started")
         kids = descendants(proc.pid)
         proc.kill()

@@ -6,12 +6,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import DODO, needs_root, small_filesystem
+from conftest import needs_root, small_filesystem
 
 from relay import actions, engine
 from relay import sandbox as sb
@@ -162,30 +161,27 @@ def test_real_disk_full_while_extracting_parks_the_file_and_leaves_no_partial(en
         assert (data / "extracted" / "srv1" / "big.log").read_bytes() == big
 
 
+def wait_for_transfer(env, proc, server="srv1"):
+    """Wait until rsync's hidden temp file exists in the landing area: the transfer is under way."""
+    staging = env.work / "tmp" / "fetch" / server
+    deadline = time.monotonic() + 60
+    while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "transfer never started"
+        time.sleep(0.005)
+
+
 def test_kill_9_of_the_process_group_during_rsync_transfer(env):
     big = os.urandom(64 * 2**20)  # incompressible: a long transfer
     path = env.remote("srv1") / "big.log.gz"
     path.write_bytes(gzip.compress(big, compresslevel=1))
     os.utime(path, (1_700_000_000, 1_700_000_000))
-    staging = env.work / "tmp" / "fetch" / "srv1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "doit", "-f", DODO, "run"],
-        cwd=str(env.root),
-        env=env.environ(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    # Wait for rsync's hidden temp file: the transfer is under way.
-    while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
-        assert proc.poll() is None and time.monotonic() < deadline, "transfer never started"
-        time.sleep(0.005)
+    proc = env.start("run", start_new_session=True)
+    wait_for_transfer(env, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     env.doit("run", check=0)
     assert (env.data / "extracted" / "srv1" / "big.log").read_bytes() == big
-    assert not [p for p in staging.rglob(".*") if p.is_file()]
+    assert not [p for p in (env.work / "tmp" / "fetch" / "srv1").rglob(".*") if p.is_file()]
 
 
 def test_second_concurrent_run_exits_at_once_and_changes_nothing(env):
@@ -300,20 +296,9 @@ def test_dead_peer_during_transfer_is_caught_and_left_due_not_parked(env):
             "SSH_SERVER_ALIVE_COUNT_MAX": "2",
         }
     )
-    staging = env.work / "tmp" / "fetch" / "srv1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "doit", "-f", DODO, "run"],
-        cwd=str(env.root),
-        env=env.environ(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = env.start("run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     server = env.box.servers[0]
-    deadline = time.monotonic() + 60
-    while not [p for p in staging.rglob(".*") if p.is_file()] if staging.exists() else True:
-        assert proc.poll() is None and time.monotonic() < deadline, "transfer never started"
-        time.sleep(0.005)
+    wait_for_transfer(env, proc)
     frozen = sb._descendants(server.proc.pid)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)

@@ -12,7 +12,7 @@ import time
 
 import msgspec
 import pytest
-from conftest import DODO, needs_root
+from conftest import needs_root
 from test_doit import _cmdline, _state, descendants, wait_for
 from test_guarantees import assert_converged, in_process_run, seed_files
 
@@ -280,13 +280,7 @@ def test_the_helper_ends_with_its_run(env, signum):
     sshd = env.box.servers[1].proc.pid
     os.kill(sshd, signal.SIGSTOP)  # srv2 never answers: the run stays up after srv1's work
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "doit", "-f", DODO, "run"],
-            env=env.environ(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=str(env.root),
-        )
+        proc = env.start("run")
         [helper] = wait_for(
             lambda: [p for p in descendants(proc.pid) if "relay.inflater" in _cmdline(p)], 60, "the helper started"
         )

@@ -159,28 +159,7 @@ def test_a_normal_exit_writes_every_queued_line(tmp_path):
 
 def test_json_fields_of_a_line(log):
     logger, path = log
-    logs.note(
-        logger,
-        logging.INFO,
-        "fetched 2 file(s)",
-        {
-            "server": "srv1",
-            "file": "app.log.1.gz",
-            "operation": "fetch",
-            "bytes": 2048,
-            "duration_ms": 12.5,
-            "attempt": 2,
-            "error": "refused",
-            "delay_s": 1.5,
-        },
-    )
-    logger.info("bare")
-    full, bare = wait_for(path, 2)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", full["timestamp"])
-    assert {k: v for k, v in full.items() if k != "timestamp"} == {
-        "level": "INFO",
-        "logger": "logpipe_relay",
-        "message": "fetched 2 file(s)",
+    fields = {
         "server": "srv1",
         "file": "app.log.1.gz",
         "operation": "fetch",
@@ -189,6 +168,16 @@ def test_json_fields_of_a_line(log):
         "attempt": 2,
         "error": "refused",
         "delay_s": 1.5,
+    }
+    logs.note(logger, logging.INFO, "fetched 2 file(s)", dict(fields))  # note() takes the dict over
+    logger.info("bare")
+    full, bare = wait_for(path, 2)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", full["timestamp"])
+    assert {k: v for k, v in full.items() if k != "timestamp"} == {
+        "level": "INFO",
+        "logger": "logpipe_relay",
+        "message": "fetched 2 file(s)",
+        **fields,
     }
     assert set(bare) == {"timestamp", "level", "logger", "message"}  # absent fields are left out
 
@@ -313,28 +302,21 @@ class SetEvent:
         return True
 
 
+def backoff_60s(fn, **kwargs):
+    """call_with_retry with a 60 s backoff between up to 5 attempts of `fn`, every error transient."""
+    return retry.call_with_retry(
+        fn, attempts=5, base=60, cap=60, rng=lambda: 1.0, is_transient=lambda e: True, **kwargs
+    )
+
+
 def test_an_interrupted_backoff_raises_the_last_error_or_the_one_given(log):
     event, fn = SetEvent(), refused_then("ok", 3)
     with pytest.raises(Refused, match=r"refused \(1\)"):
-        retry.call_with_retry(
-            fn,
-            attempts=5,
-            base=60,
-            cap=60,
-            rng=lambda: 1.0,
-            is_transient=lambda e: True,
-            sleep=pytest.fail,
-            interrupted=event,
-        )
+        backoff_60s(fn, sleep=pytest.fail, interrupted=event)
     assert event.waited == [60.0] and fn.calls == 1  # Event.wait(delay), never sleep; no second attempt
     with pytest.raises(KeyboardInterrupt) as info:
-        retry.call_with_retry(
+        backoff_60s(
             refused_then("ok", 3),
-            attempts=5,
-            base=60,
-            cap=60,
-            rng=lambda: 1.0,
-            is_transient=lambda e: True,
             sleep=pytest.fail,
             interrupted=SetEvent(),
             interrupt_error=KeyboardInterrupt("stopped by SIGTERM"),
@@ -348,17 +330,7 @@ def test_a_stop_ends_a_60_second_backoff_within_5_seconds(log):
     on_retry = lambda *_: threading.Timer(0.2, stop.set).start()  # noqa: E731
     started = time.monotonic()
     with pytest.raises(Refused):
-        retry.call_with_retry(
-            refused_then("ok", 3),
-            attempts=5,
-            base=60,
-            cap=60,
-            rng=lambda: 1.0,
-            is_transient=lambda e: True,
-            sleep=pytest.fail,
-            on_retry=on_retry,
-            interrupted=stop,
-        )
+        backoff_60s(refused_then("ok", 3), sleep=pytest.fail, on_retry=on_retry, interrupted=stop)
     assert time.monotonic() - started < 5
 
 
@@ -369,14 +341,5 @@ def test_a_stop_callable_is_looked_at_during_the_wait(log):
         return len(naps) >= 3
 
     with pytest.raises(Refused):
-        retry.call_with_retry(
-            refused_then("ok", 3),
-            attempts=5,
-            base=60,
-            cap=60,
-            rng=lambda: 1.0,
-            is_transient=lambda e: True,
-            sleep=naps.append,
-            interrupted=stopping,
-        )
+        backoff_60s(refused_then("ok", 3), sleep=naps.append, interrupted=stopping)
     assert len(naps) == 3 and all(0 < nap <= 0.5 for nap in naps)  # < 1 s between looks

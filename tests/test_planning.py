@@ -12,20 +12,23 @@ def entry(path, size, mtime="1700000000.0000000000"):
     return Entry("f", size, mtime, path)
 
 
-def processed(path, size, mtime="1700000000.0000000000", sha="a" * 64, local=None):
-    key = version_key("s", "remote", path, size, mtime)
-    rec = Record(
-        key=key,
+def remote(path, size, mtime, status, key=None, **fields):
+    """A record of server "s"'s remote file `path` (its version key unless `key` is given)."""
+    return Record(
+        key=key or version_key("s", "remote", path, size, mtime),
         server="s",
         origin="remote",
         remote_path=path,
         size=size,
         mtime=mtime,
-        status=PROCESSED,
-        sha256=sha,
-        local_name=local or path.rsplit("/", 1)[1],
+        status=status,
+        **fields,
     )
-    return rec, Known(key, PROCESSED, size, mtime, sha, path)
+
+
+def processed(path, size, mtime="1700000000.0000000000", sha="a" * 64, local=None):
+    rec = remote(path, size, mtime, PROCESSED, sha256=sha, local_name=local or path.rsplit("/", 1)[1])
+    return rec, Known(rec.key, PROCESSED, size, mtime, sha, path)
 
 
 def plan(entries, known=(), unfinished=(), incoming=(), named=None, drops=True):
@@ -87,26 +90,8 @@ def test_a_copy_already_in_incoming_is_not_fetched_again():
 
 
 def test_parked_version_waits_and_a_pending_one_no_longer_listed_is_superseded():
-    parked = Record(
-        key=version_key("s", "remote", "/l/p.gz", 5, "1.0"),
-        server="s",
-        origin="remote",
-        remote_path="/l/p.gz",
-        size=5,
-        mtime="1.0",
-        status=ERROR,
-        error_kind="copy",
-    )
-    gone = Record(
-        key="k" * 32,
-        server="s",
-        origin="remote",
-        remote_path="/l/gone.gz",
-        size=5,
-        mtime="1.0",
-        status=PENDING,
-        local_name="gone.gz",
-    )
+    parked = remote("/l/p.gz", 5, "1.0", ERROR, error_kind="copy")
+    gone = remote("/l/gone.gz", 5, "1.0", PENDING, key="k" * 32, local_name="gone.gz")
     p = plan(
         [entry("/l/p.gz", 5, "1.0")], [Known(parked.key, ERROR, 5, "1.0", "", "/l/p.gz")], unfinished=[parked, gone]
     )
@@ -114,26 +99,8 @@ def test_parked_version_waits_and_a_pending_one_no_longer_listed_is_superseded()
 
 
 def test_listing_failed_keeps_pending_and_goes_on_with_local_copies():
-    pending = Record(
-        key="p" * 32,
-        server="s",
-        origin="remote",
-        remote_path="/l/x.gz",
-        size=5,
-        mtime="1.0",
-        status=PENDING,
-        local_name="x.gz",
-    )
-    copied = Record(
-        key="c" * 32,
-        server="s",
-        origin="remote",
-        remote_path="/l/y.gz",
-        size=7,
-        mtime="1.0",
-        status=COPIED,
-        local_name="y.gz",
-    )
+    pending = remote("/l/x.gz", 5, "1.0", PENDING, key="p" * 32, local_name="x.gz")
+    copied = remote("/l/y.gz", 7, "1.0", COPIED, key="c" * 32, local_name="y.gz")
     p = plan(None, unfinished=[pending, copied], incoming=[Local("y.gz", 7, "1.000000000")])
     assert p.due == [copied] and p.superseded == [] and not p.listed
 

@@ -14,10 +14,9 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
-from conftest import DODO, needs_root
+from conftest import needs_root
 from rotation import SCHEMES, LogRotator, assert_settled, invariant_problems
 
 from relay import sandbox as sb
@@ -167,14 +166,8 @@ class Simulation:
         self.runs += 1
         out = self.workdir / f"run-{self.runs}.out"
         with open(out, "wb") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "doit", "-f", DODO, "run"],
-                cwd=str(self.env.root),
-                env=self.env.environ(),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+            proc = self.env.start(
+                "run", stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         return proc, out
 
